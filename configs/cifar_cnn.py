@@ -1,0 +1,51 @@
+"""The classic CIFAR-10 CNN (LeNet) with SGD + momentum: the seed's recipe.
+
+Pixels scaled to [0, 1], no augmentation, SGD lr 0.001 momentum 0.9, batch 4,
+10 epochs, the whole test split evaluated after every epoch.
+
+python -m research.main --config=configs/cifar_cnn.py --workdir=runs/cifar_cnn
+python -m research.main --config=configs/cifar_cnn.py:smoke --workdir=runs/smoke
+python -m research.main --config=configs/cifar_cnn.py --config.batch_size=128 \
+    --config.num_epochs=2 --config.learning_rate=0.01 --config.seed=1
+"""
+import ml_collections
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the experiment config; `preset` is the part after the colon."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0                   # the init, dropout and data-order keys
+    # Data.
+    config.dataset = "cifar10"        # key of input_pipeline.DATASETS
+    config.data_dir = ""              # TFDS data_dir; "": $TFDS_DATA_DIR or the default
+    config.download = False           # let TFDS download when the data is not prepared
+    config.train_split = "train"      # TFDS split (slicing allowed, e.g. "train[:10%]")
+    config.eval_split = "test"        # evaluated whole after every epoch
+    # Model.
+    config.model = "lenet"            # key of models.MODELS
+    config.model_kwargs = ml_collections.ConfigDict({"num_classes": 10})
+    # Optimisation.
+    config.optimizer = "sgd"          # key of state.OPTIMIZERS
+    config.learning_rate = 0.001
+    config.momentum = 0.9             # SGD momentum; 0 for plain SGD
+    config.batch_size = 4             # global batch size
+    config.num_epochs = 10
+    # Loop and bookkeeping.
+    config.eval_batch_size = 1000     # the last eval batch is padded and masked
+    config.steps_per_call = 1         # steps unrolled per jitted call (1-64), README
+    config.log_every_steps = 2500     # progress line and train metrics
+    config.checkpoint_every_steps = 2500  # also saved at every epoch end and at the end
+    config.keep_checkpoints = 3       # most recent checkpoints kept
+
+    if preset == "smoke":             # seconds-long run for run.sh and tests
+        config.train_split = "train[:256]"
+        config.eval_split = "test[:200]"
+        config.batch_size = 8
+        config.num_epochs = 2
+        config.eval_batch_size = 64
+        config.log_every_steps = 8
+        config.checkpoint_every_steps = 16
+    elif preset:
+        raise ValueError(f"Unknown preset {preset!r} for cifar_cnn; choose from "
+                         "['smoke'] or none")
+    return config

@@ -1,0 +1,139 @@
+"""Orbax checkpoints of a run: `<workdir>/checkpoints/<step>/{model,train,config}`.
+
+The model variables (`model`) are an item of their own, so evaluation,
+sampling and distillation teachers restore them with one call and never build
+an optimizer. `train` holds the step, the optimizer state and the running
+epoch metrics; `config` the config the checkpoint was trained with.
+"""
+import os
+import shutil
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from research import errors
+
+PyTree = Any
+CHECKPOINT_DIR = "checkpoints"
+QUARANTINE_DIR = "corrupt_checkpoints"  # unreadable checkpoints are moved here
+
+
+def create_manager(workdir: str, keep: int = 3, read_only: bool = False
+                   ) -> ocp.CheckpointManager:
+    """The run's manager; saves are asynchronous, the newest `keep` are kept."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=True)
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, model: PyTree, train: PyTree,
+         config: ml_collections.ConfigDict) -> None:
+    """Starts an asynchronous save of `step`; returns before it is on disk."""
+    manager.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(model),
+        train=ocp.args.StandardSave(train),
+        config=ocp.args.JsonSave(config.to_dict())), force=True)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_model: PyTree,
+                   abstract_train: PyTree) -> tuple[PyTree, PyTree] | None:
+    """Restores the newest readable checkpoint, or returns None if there is none.
+
+    A checkpoint newer than a readable one that fails to restore is reported
+    by name and moved to `<workdir>/corrupt_checkpoints/`; nothing is deleted.
+
+    Raises:
+      UserError: if checkpoints exist but none restores (for example the config
+        changed the model): training would otherwise restart from scratch.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(abstract_model),
+                train=ocp.args.StandardRestore(abstract_train)))
+        except Exception as e:  # pylint: disable=broad-except
+            logging.error("Checkpoint %s could not be restored: %s: %s",
+                          _step_dir(manager, step), type(e).__name__, e)
+            failures.append((step, e))
+            continue
+        for bad_step, _ in failures:
+            _quarantine(manager, bad_step)
+        if failures:
+            manager.reload()
+        logging.info("Restored checkpoint %s", _step_dir(manager, step))
+        return restored.model, restored.train
+    if not failures:
+        return None
+    step, error = failures[0]
+    raise errors.UserError(
+        f"None of the {len(steps)} checkpoints in {manager.directory} could be "
+        f"restored (newest, step {step}: {type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}). If the config "
+        "changed the model or optimizer, use the config the run was trained with "
+        "(config.json in the workdir) or a new --workdir; if the files are damaged, "
+        "move the checkpoints folder away to start again. Nothing was changed.")
+
+
+def restore_model(workdir: str, abstract_model: PyTree, step: int | None = None
+                  ) -> tuple[PyTree, int]:
+    """Restores only the model variables of `step` (default: the latest).
+
+    Returns:
+      The variables and the step they were saved at.
+    """
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise errors.UserError(
+            f"No checkpoints in {directory}: train first with --mode=train and "
+            "the same --workdir.")
+    manager = create_manager(workdir, read_only=True)
+    steps = manager.all_steps()
+    if step is None:
+        step = manager.latest_step()
+    if step is None or step not in steps:
+        raise errors.UserError(
+            f"No checkpoint for step {step} in {directory}; saved steps: "
+            f"{sorted(steps)}.")
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(abstract_model)))
+    except Exception as e:  # pylint: disable=broad-except
+        raise errors.UserError(
+            f"Checkpoint {_step_dir(manager, step)} could not be restored "
+            f"({type(e).__name__}: {e}). Pick another with --step "
+            f"(saved: {sorted(steps)}).") from e
+    finally:
+        manager.close()
+    return restored.model, step
+
+
+def with_sharding(abstract: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
+    """Attaches `sharding` to every leaf of an abstract (eval_shape) tree."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        abstract)
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(str(manager.directory), str(step))
+
+
+def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
+    source = _step_dir(manager, step)
+    base = os.path.join(os.path.dirname(str(manager.directory)), QUARANTINE_DIR,
+                        str(step))
+    target, n = base, 0
+    while os.path.exists(target):  # an earlier quarantine of the same step
+        n += 1
+        target = f"{base}.{n}"
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(source, target)
+    logging.error("Moved unreadable checkpoint %s to %s; training resumes from "
+                  "an older one.", source, target)

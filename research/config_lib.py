@@ -1,0 +1,120 @@
+"""Loading, checking and saving experiment configs outside absl.
+
+Notebooks and `--mode=eval` need configs without flags: `load_config` reads a
+config file (with an optional `:preset`), `load_workdir_config` reads the one a
+run saved. `validate` runs before any data is read or anything compiled.
+"""
+import importlib.util
+import json
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from research import errors
+
+CONFIG_JSON = "config.json"
+MAX_STEPS_PER_CALL = 64
+
+
+def load_config(spec: str, overrides: dict[str, Any] | None = None
+                ) -> ml_collections.ConfigDict:
+    """Loads `path/to/config.py[:preset]` and applies dotted-key overrides.
+
+    Args:
+      spec: a config file path, optionally followed by `:preset`.
+      overrides: e.g. {"batch_size": 128, "model_kwargs.num_classes": 5}; keys
+        must exist and values must keep the field's type.
+
+    Returns:
+      The locked config.
+    """
+    path, _, preset = spec.partition(":")
+    if not os.path.isfile(path):
+        raise errors.UserError(f"Config file {path!r} does not exist.")
+    module_spec = importlib.util.spec_from_file_location("_research_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(preset or None) if preset else module.get_config()
+    config.lock()
+    for key, value in (overrides or {}).items():
+        override(config, key, value)
+    return config
+
+
+def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Sets a dotted key, refusing unknown keys and type changes."""
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name] if name in node else None
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise errors.UserError(f"Unknown config field {key!r}.")
+    if leaf not in node:
+        raise errors.UserError(
+            f"Unknown config field {key!r}; fields here: {sorted(node.keys())}.")
+    try:
+        setattr(node, leaf, value)
+    except TypeError as e:
+        raise errors.UserError(f"Config field {key!r}: {e}") from None
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks names and ranges before any compute; raises UserError."""
+    # Imported here: the registries pull in flax/optax, configs should not.
+    from research import input_pipeline, models, state  # noqa: E402
+
+    _check_choice("model", config.model, models.MODELS)
+    _check_choice("dataset", config.dataset, input_pipeline.DATASETS)
+    _check_choice("optimizer", config.optimizer, state.OPTIMIZERS)
+    for key in ("batch_size", "eval_batch_size", "num_epochs", "steps_per_call",
+                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if config[key] < 1:
+            raise errors.UserError(
+                f"config.{key} must be a positive integer, got {config[key]}.")
+    if config.steps_per_call > MAX_STEPS_PER_CALL:
+        raise errors.UserError(
+            f"config.steps_per_call={config.steps_per_call} is over "
+            f"{MAX_STEPS_PER_CALL}: the steps are unrolled, so compile time grows "
+            "with it while dispatch is already a few percent of a step.")
+    if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
+        raise errors.UserError(
+            f"config.learning_rate must be positive, got {config.learning_rate}.")
+    if not 0 <= config.momentum < 1:
+        raise errors.UserError(
+            f"config.momentum must be in [0, 1), got {config.momentum}.")
+
+
+def _check_choice(field: str, name: str, registry: dict[str, Any]) -> None:
+    if name not in registry:
+        raise errors.UserError(
+            f"Unknown {field} {name!r} (config.{field}); choose from "
+            f"{sorted(registry)}.")
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the resolved config to `workdir/config.json`."""
+    with open(os.path.join(workdir, CONFIG_JSON), "w") as f:
+        f.write(config.to_json(indent=2, sort_keys=True))
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """Reads the config a run saved in `workdir`; lists become tuples again."""
+    path = os.path.join(workdir, CONFIG_JSON)
+    if not os.path.isfile(path):
+        raise errors.UserError(
+            f"No {CONFIG_JSON} in workdir {workdir!r}: it holds no run. Pass "
+            "--config=configs/<name>.py, or point --workdir at a trained run.")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(_tuples(json.load(f)))
+    config.lock()
+    return config
+
+
+def _tuples(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _tuples(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return tuple(_tuples(v) for v in tree)
+    return tree

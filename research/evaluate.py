@@ -1,0 +1,59 @@
+"""`--mode=eval`: score a checkpoint's model on the eval split, no optimizer."""
+import functools
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+
+from research import checkpointing
+from research import config_lib
+from research import input_pipeline
+from research import models
+from research import state as state_lib
+from research import steps
+from research import tasks
+from research import train
+
+PyTree = Any
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str,
+                      step: int | None = None) -> tuple[PyTree, int]:
+    """The model variables saved in `workdir` at `step` (default: the latest).
+
+    One call for evaluation, sampling and distillation teachers: it reads the
+    checkpoint's `model` item only and builds no optimizer.
+    """
+    dataset = input_pipeline.get_dataset(config.dataset)
+    model = models.create_model(config.model, **config.model_kwargs)
+    abstract = jax.eval_shape(functools.partial(
+        state_lib.init_variables, model=model,
+        input_shape=(1,) + dataset.input_shape), jax.random.key(0))
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return checkpointing.restore_model(
+        workdir, checkpointing.with_sharding(abstract, sharding), step)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             step: int | None = None) -> dict[str, float]:
+    """Restores the model variables of `step` (default latest) and evaluates.
+
+    Returns:
+      The eval metrics ("eval/loss", "eval/accuracy") over the whole
+      `config.eval_split`, and "step".
+    """
+    config_lib.validate(config)
+    dataset = input_pipeline.get_dataset(config.dataset)
+    model = models.create_model(config.model, **config.model_kwargs)
+    variables, step = restore_variables(config, workdir, step)
+    eval_data = input_pipeline.load_split(config, config.eval_split)
+    data = jax.device_put(train.pad_to_batches(eval_data, config.eval_batch_size),
+                          jax.local_devices()[0])
+    totals = jax.jit(functools.partial(
+        steps.evaluate_batches, model.apply, task=tasks.get_task(dataset.task),
+        preprocess_fn=dataset.preprocess))(variables, data)
+    result = {f"eval/{k}": float(v) for k, v in totals.compute().items()}
+    logging.info("checkpoint step %d, %s[%s]: %s", step, config.dataset,
+                 config.eval_split, train.describe(result))
+    return {**result, "step": step}

@@ -1,0 +1,108 @@
+"""Every config and preset loads; overrides apply and bad ones fail."""
+import glob
+import os
+import sys
+from unittest import mock
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from research import config_lib
+from research import errors
+from tests import conftest
+
+CONFIG_FILES = sorted(glob.glob(os.path.join(conftest.CONFIGS, "*.py")))
+PRESETS = {"cifar_cnn.py": ["", "smoke"]}
+
+
+def _parse(*args):
+    """Parses a command line the way research.main defines --config."""
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                    lock_config=True)
+    argv = ["prog", *args]
+    # config_flags reads the --config.<field> overrides from sys.argv.
+    with mock.patch.object(sys, "argv", argv):
+        flag_values(argv)
+    return flag_values.config
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_every_config_and_preset_loads_and_validates(path):
+    for preset in PRESETS.get(os.path.basename(path), [""]):
+        config = config_lib.load_config(f"{path}:{preset}" if preset else path)
+        config_lib.validate(config)
+
+
+def test_every_config_has_declared_presets():
+    assert {os.path.basename(p) for p in CONFIG_FILES} >= set(PRESETS)
+
+
+def test_seed_recipe():
+    config = config_lib.load_config(os.path.join(conftest.CONFIGS, "cifar_cnn.py"))
+    assert (config.model, config.optimizer, config.batch_size, config.num_epochs,
+            config.learning_rate, config.momentum) == (
+                "lenet", "sgd", 4, 10, 0.001, 0.9)
+
+
+def test_command_line_overrides_apply():
+    config = _parse(f"--config={conftest.CONFIGS}/cifar_cnn.py",
+                    "--config.batch_size=128", "--config.num_epochs=2",
+                    "--config.learning_rate=0.01", "--config.seed=1",
+                    "--config.model_kwargs.num_classes=5")
+    assert (config.batch_size, config.num_epochs, config.learning_rate, config.seed,
+            config.model_kwargs.num_classes) == (128, 2, 0.01, 1, 5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.batch_size=abc", "batch_size=abc: invalid literal for int"),
+    ("--config.learning_rate=fast", "learning_rate=fast: could not convert"),
+])
+def test_bad_command_line_types_fail(override, message):
+    with pytest.raises(flags.IllegalFlagValueError, match=message):
+        _parse(f"--config={conftest.CONFIGS}/cifar_cnn.py", override)
+
+
+def test_unknown_command_line_field_fails_with_suggestion():
+    with pytest.raises(AttributeError, match='Did you mean "batch_size"'):
+        _parse(f"--config={conftest.CONFIGS}/cifar_cnn.py", "--config.batch_sise=8")
+
+
+def test_python_overrides_are_checked():
+    path = os.path.join(conftest.CONFIGS, "cifar_cnn.py")
+    config = config_lib.load_config(path, {"batch_size": 16,
+                                           "model_kwargs.num_classes": 4})
+    assert config.batch_size == 16 and config.model_kwargs.num_classes == 4
+    with pytest.raises(errors.UserError, match="Unknown config field 'batchsize'"):
+        config_lib.load_config(path, {"batchsize": 16})
+    with pytest.raises(errors.UserError, match="batch_size"):
+        config_lib.load_config(path, {"batch_size": "large"})
+    with pytest.raises(errors.UserError, match="does not exist"):
+        config_lib.load_config("configs/nope.py")
+    with pytest.raises(ValueError, match="Unknown preset"):
+        config_lib.load_config(path + ":huge")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model", "resnet9000", r"Unknown model 'resnet9000'.*\['lenet'\]"),
+    ("dataset", "imagenet", r"Unknown dataset 'imagenet'.*cifar10"),
+    ("optimizer", "lion", r"Unknown optimizer 'lion'.*sgd"),
+    ("batch_size", 0, "batch_size must be a positive integer"),
+    ("num_epochs", -1, "num_epochs must be a positive integer"),
+    ("learning_rate", -0.1, "learning_rate must be positive"),
+    ("momentum", 1.5, r"momentum must be in \[0, 1\)"),
+])
+def test_validate_rejects_bad_values(key, value, message):
+    config = config_lib.load_config(os.path.join(conftest.CONFIGS, "cifar_cnn.py"))
+    setattr(config, key, value)
+    with pytest.raises(errors.UserError, match=message):
+        config_lib.validate(config)
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = config_lib.load_config(os.path.join(conftest.CONFIGS, "cifar_cnn.py"))
+    config_lib.save_config(config, str(tmp_path))
+    assert config_lib.load_workdir_config(str(tmp_path)).to_dict() == config.to_dict()
+    with pytest.raises(errors.UserError, match="holds no run"):
+        config_lib.load_workdir_config(str(tmp_path / "empty"))
