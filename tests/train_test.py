@@ -140,12 +140,6 @@ def _corrupt(step_dir):
                 f.write(b"garbage")
 
 
-# A failed Orbax restore abandons its read coroutines; they are collected later.
-orbax_failed_restore = pytest.mark.filterwarnings(
-    "ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-@orbax_failed_restore
 def test_corrupt_latest_checkpoint_falls_back_to_previous(straight_run, tmp_path):
     config, straight_dir, _ = straight_run
     workdir = str(tmp_path / "corrupt")
@@ -159,7 +153,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(straight_run, tmp_path
                        final_params(config, straight_dir))
 
 
-@orbax_failed_restore
 def test_checkpoints_of_another_model_stop_with_clear_error(straight_run, tmp_path):
     _, straight_dir, _ = straight_run
     workdir = str(tmp_path / "other")
