@@ -28,8 +28,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer = "sgd"          # key of state.OPTIMIZERS
     config.learning_rate = 0.001
     config.momentum = 0.9             # SGD momentum; 0 for plain SGD
-    config.batch_size = 4             # global batch size
+    config.batch_size = 4             # global batch size, over all devices
+    config.grad_accum_steps = 1       # micro-batches per step: same update, less memory
     config.num_epochs = 10
+    # Devices.
+    config.num_devices = 0            # devices on the mesh's data axis; 0: all
     # Loop and bookkeeping.
     config.eval_batch_size = 1000     # the last eval batch is padded and masked
     config.steps_per_call = 1         # steps unrolled per jitted call (1-64), README

@@ -68,11 +68,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice("model", config.model, models.MODELS)
     _check_choice("dataset", config.dataset, input_pipeline.DATASETS)
     _check_choice("optimizer", config.optimizer, state.OPTIMIZERS)
-    for key in ("batch_size", "eval_batch_size", "num_epochs", "steps_per_call",
-                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    for key in ("batch_size", "grad_accum_steps", "eval_batch_size", "num_epochs",
+                "steps_per_call", "log_every_steps", "checkpoint_every_steps",
+                "keep_checkpoints"):
         if config[key] < 1:
             raise errors.UserError(
                 f"config.{key} must be a positive integer, got {config[key]}.")
+    if config.num_devices < 0:
+        raise errors.UserError(
+            f"config.num_devices must be >= 0 (0: all), got {config.num_devices}.")
     if config.steps_per_call > MAX_STEPS_PER_CALL:
         raise errors.UserError(
             f"config.steps_per_call={config.steps_per_call} is over "

@@ -10,6 +10,7 @@ from research import checkpointing
 from research import config_lib
 from research import input_pipeline
 from research import models
+from research import parallel
 from research import state as state_lib
 from research import steps
 from research import tasks
@@ -19,20 +20,24 @@ PyTree = Any
 
 
 def restore_variables(config: ml_collections.ConfigDict, workdir: str,
-                      step: int | None = None) -> tuple[PyTree, int]:
+                      step: int | None = None,
+                      mesh: jax.sharding.Mesh | None = None) -> tuple[PyTree, int]:
     """The model variables saved in `workdir` at `step` (default: the latest).
 
     One call for evaluation, sampling and distillation teachers: it reads the
-    checkpoint's `model` item only and builds no optimizer.
+    checkpoint's `model` item only and builds no optimizer. The variables are
+    replicated over `mesh` (default: all devices), whatever the device count
+    the checkpoint was written with.
     """
     dataset = input_pipeline.get_dataset(config.dataset)
     model = models.create_model(config.model, **config.model_kwargs)
     abstract = jax.eval_shape(functools.partial(
         state_lib.init_variables, model=model,
         input_shape=(1,) + dataset.input_shape), jax.random.key(0))
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    mesh = mesh or parallel.create_mesh(config.num_devices)
     return checkpointing.restore_model(
-        workdir, checkpointing.with_sharding(abstract, sharding), step)
+        workdir, checkpointing.with_sharding(abstract, parallel.replicated(mesh)),
+        step)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -46,13 +51,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     config_lib.validate(config)
     dataset = input_pipeline.get_dataset(config.dataset)
     model = models.create_model(config.model, **config.model_kwargs)
-    variables, step = restore_variables(config, workdir, step)
+    mesh = parallel.create_mesh(config.num_devices)
+    parallel.check_divisible("eval_batch_size", config.eval_batch_size, mesh)
+    variables, step = restore_variables(config, workdir, step, mesh)
     eval_data = input_pipeline.load_split(config, config.eval_split)
-    data = jax.device_put(train.pad_to_batches(eval_data, config.eval_batch_size),
-                          jax.local_devices()[0])
+    data = parallel.put_replicated(
+        train.pad_to_batches(eval_data, config.eval_batch_size), mesh)
     totals = jax.jit(functools.partial(
         steps.evaluate_batches, model.apply, task=tasks.get_task(dataset.task),
-        preprocess_fn=dataset.preprocess))(variables, data)
+        preprocess_fn=dataset.preprocess,
+        batch_sharding=parallel.batch_sharded(mesh)),
+        out_shardings=parallel.replicated(mesh))(variables, data)
     result = {f"eval/{k}": float(v) for k, v in totals.compute().items()}
     logging.info("checkpoint step %d, %s[%s]: %s", step, config.dataset,
                  config.eval_split, train.describe(result))

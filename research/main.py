@@ -15,6 +15,7 @@ from ml_collections import config_flags
 from research import config_lib
 from research import errors
 from research import evaluate
+from research import parallel
 from research import train
 
 config_flags.DEFINE_config_file(
@@ -27,6 +28,12 @@ flags.DEFINE_enum("mode", "train", ["train", "eval"],
                   "and evaluate; eval: evaluate a checkpoint only.")
 flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step to "
                      "evaluate (default: the latest).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process jobs: host:port of "
+                    "process 0 (else read from the cluster's environment, if any).")
+flags.DEFINE_integer("num_processes", None, "Multi-process jobs: how many.")
+flags.DEFINE_integer("process_id", None, "Multi-process jobs: this one's index.")
+flags.DEFINE_integer("distributed_timeout_s", 120, "Give up joining a "
+                     "multi-process job after this many seconds.")
 FLAGS = flags.FLAGS
 
 
@@ -41,6 +48,8 @@ def run(argv: list[str]) -> dict[str, float]:
     """Runs the mode the parsed flags ask for; returns its final metrics."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id, FLAGS.distributed_timeout_s)
     config = FLAGS.config
     workdir = FLAGS.workdir
     if config is None:

@@ -21,6 +21,7 @@ from research import config_lib
 from research import errors
 from research import input_pipeline
 from research import models
+from research import parallel
 from research import state as state_lib
 from research import steps
 from research import tasks
@@ -45,7 +46,7 @@ def prepare_workdir(workdir: str) -> None:
     """Creates `workdir` and checks it is writable, before any compute."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{os.getpid()}")  # per process
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -123,6 +124,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     dataset = input_pipeline.get_dataset(config.dataset)
     task = tasks.get_task(dataset.task)
     model = models.create_model(config.model, **config.model_kwargs)
+    mesh = parallel.create_mesh(config.num_devices)
+    parallel.check_divisible("batch_size", config.batch_size, mesh,
+                             config.grad_accum_steps)
+    parallel.check_divisible("eval_batch_size", config.eval_batch_size, mesh)
+    # Every process reads the whole (small) splits; see README, "Scaling out".
     train_data = input_pipeline.load_split(config, config.train_split)
     eval_data = input_pipeline.load_split(config, config.eval_split)
     num_train = len(train_data["label"])
@@ -133,31 +139,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     steps_per_epoch = num_train // config.batch_size
     total_steps = steps_per_epoch * config.num_epochs
 
-    init_key, dropout_key, data_key = jax.random.split(jax.random.key(config.seed), 3)
-    state = state_lib.create_train_state(
-        init_key, config, model, (1,) + dataset.input_shape)
-    epoch_totals = task.metrics_cls.empty()
+    init_key, dropout_key, data_key = jax.jit(
+        lambda: jax.random.split(jax.random.key(config.seed), 3),
+        out_shardings=parallel.replicated(mesh))()
+    state = jax.jit(functools.partial(
+        state_lib.create_train_state, config=config, model=model,
+        input_shape=(1,) + dataset.input_shape),
+        out_shardings=parallel.replicated(mesh))(init_key)
+    epoch_totals = parallel.put_replicated(task.metrics_cls.empty(), mesh)
     logging.info("Model %s: %d parameters; %d steps (%d epochs of %d) at batch %d "
-                 "on %s", config.model, state_lib.count_params(state.params),
-                 total_steps, config.num_epochs, steps_per_epoch, config.batch_size,
-                 jax.devices())
+                 "on %d devices (%d processes): %s", config.model,
+                 state_lib.count_params(state.params), total_steps, config.num_epochs,
+                 steps_per_epoch, config.batch_size, mesh.size, jax.process_count(),
+                 mesh.devices.tolist())
 
     manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
     writer = writers.create_writer(workdir)
     try:
-        return _train_loop(config, workdir, manager, writer, state, epoch_totals,
-                           dataset, task, train_data, eval_data, dropout_key,
-                           data_key, steps_per_epoch, total_steps, stop_after_step)
+        return _train_loop(config, workdir, manager, writer, mesh, state,
+                           epoch_totals, dataset, task, train_data, eval_data,
+                           dropout_key, data_key, steps_per_epoch, total_steps,
+                           stop_after_step)
     finally:
         manager.wait_until_finished()  # every exit path keeps pending saves
         manager.close()
         writer.close()
 
 
-def _train_loop(config, workdir, manager, writer, state, epoch_totals, dataset, task,
-                train_data, eval_data, dropout_key, data_key, steps_per_epoch,
+def _train_loop(config, workdir, manager, writer, mesh, state, epoch_totals, dataset,
+                task, train_data, eval_data, dropout_key, data_key, steps_per_epoch,
                 total_steps, stop_after_step) -> dict[str, Any]:
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    sharding = parallel.replicated(mesh)
     model_tree = state.variables
     train_tree = {"step": state.step, "opt_state": state.opt_state,
                   "epoch_metrics": epoch_totals}
@@ -173,33 +185,46 @@ def _train_loop(config, workdir, manager, writer, state, epoch_totals, dataset, 
                               opt_state=train_tree["opt_state"])
         epoch_totals = train_tree["epoch_metrics"]
         logging.info("Resuming at step %d of %d.", int(state.step), total_steps)
-    config_lib.save_config(config, workdir)
+    if jax.process_index() == 0:
+        config_lib.save_config(config, workdir)
 
     if restored is None:
         writer.write_hparams(dict(_flatten(config.to_dict())))
 
-    train_dev = jax.device_put(train_data, sharding)
-    eval_dev = jax.device_put(pad_to_batches(eval_data, config.eval_batch_size),
-                              sharding)
+    # Every device holds the (small) splits; each gathers its rows of a batch.
+    train_dev = parallel.put_replicated(train_data, mesh)
+    eval_dev = parallel.put_replicated(
+        pad_to_batches(eval_data, config.eval_batch_size), mesh)
+    batch_sharding = parallel.batch_sharded(mesh)
     num_train = len(train_data["label"])
     perm_fn = jax.jit(lambda epoch: jax.random.permutation(
-        jax.random.fold_in(data_key, epoch), num_train).astype(jnp.int32))
+        jax.random.fold_in(data_key, epoch), num_train).astype(jnp.int32),
+        out_shardings=sharding)
     eval_fn = jax.jit(functools.partial(
         steps.evaluate_batches, state.apply_fn, task=task,
-        preprocess_fn=dataset.preprocess))
+        preprocess_fn=dataset.preprocess, batch_sharding=batch_sharding),
+        out_shardings=sharding)
 
     start = time.perf_counter()
     perm, perm_epoch = perm_fn(0), 0
-    empty = task.metrics_cls.empty  # fresh arrays each call: the chunks donate
+
+    def empty():  # fresh arrays for every use: the chunks donate them
+        return parallel.put_replicated(task.metrics_cls.empty(), mesh)
+
+    def no_bad_step():
+        return parallel.put_replicated(np.int32(-1), mesh)
+
     # One compiled function per chunk length: steps_per_call, and 1 for the
     # steps left before a boundary that is not a multiple of it.
     chunk_fns = {}
     for num_steps in {config.steps_per_call, 1}:
         chunk_fns[num_steps] = jax.jit(functools.partial(
             steps.train_steps, num_steps=num_steps, task=task,
-            batch_size=config.batch_size, preprocess_fn=dataset.preprocess),
-            donate_argnums=(0, 1, 2)).lower(
-                state, empty(), jnp.int32(-1), train_dev, perm, dropout_key).compile()
+            batch_size=config.batch_size, preprocess_fn=dataset.preprocess,
+            grad_accum_steps=config.grad_accum_steps, batch_sharding=batch_sharding),
+            out_shardings=sharding, donate_argnums=(0, 1, 2)).lower(
+                state, empty(), no_bad_step(), train_dev, perm,
+                dropout_key).compile()
     eval_fn = eval_fn.lower(state.variables, eval_dev).compile()
     logging.info("Compiled the train and eval functions in %.2fs.",
                  time.perf_counter() - start)
@@ -218,7 +243,7 @@ def _train_loop(config, workdir, manager, writer, state, epoch_totals, dataset, 
 
     # `window` (on device, merged inside the chunks) holds the steps since the
     # last boundary; it is folded into the log window and the epoch totals.
-    window, bad_step, log_totals = empty(), jnp.int32(-1), empty()
+    window, bad_step, log_totals = empty(), no_bad_step(), empty()
     log_start, log_step = time.perf_counter(), step
     epoch_start = time.perf_counter()
     last_saved = step

@@ -12,8 +12,9 @@ from research import config_lib
 from research import errors
 from tests import conftest
 
-CONFIG_FILES = sorted(glob.glob(os.path.join(conftest.CONFIGS, "*.py")))
-PRESETS = {"cifar_cnn.py": ["", "smoke"]}
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(conftest.CONFIGS, "*.py"))
+                      if not p.endswith("__init__.py"))
+PRESETS = {"cifar_cnn.py": ["", "smoke"], "cifar_convnet.py": ["", "smoke"]}
 
 
 def _parse(*args):

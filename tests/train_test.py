@@ -29,7 +29,7 @@ NUM_EXAMPLES = 48  # per split under mock_data: 6 steps an epoch at batch 8
 def tiny_config(**overrides):
     """2 epochs x 6 steps, checkpoints every 4 steps, on mocked CIFAR-10."""
     values = {"train_split": "train", "eval_split": "test", "batch_size": 8,
-              "eval_batch_size": 20, "num_epochs": 2, "log_every_steps": 4,
+              "eval_batch_size": 16, "num_epochs": 2, "log_every_steps": 4,
               "checkpoint_every_steps": 4, "data_dir": "/nonexistent/tfds"}
     values.update(overrides)
     return config_lib.load_config(SMOKE, values)

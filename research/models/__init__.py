@@ -8,6 +8,7 @@ from research.models import cnn
 
 MODELS: dict[str, type[nn.Module]] = {
     "lenet": cnn.LeNet,
+    "convnet": cnn.ConvNet,
 }
 
 

@@ -46,3 +46,26 @@ class LeNet(nn.Module):
             x = nn.Dense(features, kernel_init=_torch_uniform(fan_in),
                          bias_init=_torch_uniform(fan_in))(x)
         return x
+
+
+class ConvNet(nn.Module):
+    """Conv-BatchNorm-ReLU-pool blocks, global average pool, dropout, dense.
+
+    BatchNorm statistics live in the `batch_stats` collection: updated in
+    training (over the global batch, whatever the device count), frozen in
+    evaluation, checkpointed with the params.
+    """
+    features: tuple[int, ...] = (32, 64, 128)
+    num_classes: int = 10
+    dropout_rate: float = 0.1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """Maps images [batch, height, width, channels] to logits [batch, classes]."""
+        for features in self.features:
+            x = nn.Conv(features, (3, 3), use_bias=False)(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = x.mean(axis=(1, 2))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes)(x)

@@ -1,0 +1,1 @@
+"""Experiment configs; variants import their base file."""
