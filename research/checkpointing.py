@@ -3,7 +3,8 @@
 The model variables (`model`) are an item of their own, so evaluation,
 sampling and distillation teachers restore them with one call and never build
 an optimizer. `train` holds the step, the optimizer state and the running
-epoch metrics; `config` the config the checkpoint was trained with.
+epoch metrics; `config` the config the checkpoint was trained with; `dataset`
+what the model needs besides (a vocabulary, the number of classes).
 """
 import os
 import shutil
@@ -32,12 +33,16 @@ def create_manager(workdir: str, keep: int = 3, read_only: bool = False
 
 
 def save(manager: ocp.CheckpointManager, step: int, model: PyTree, train: PyTree,
-         config: ml_collections.ConfigDict) -> None:
-    """Starts an asynchronous save of `step`; returns before it is on disk."""
+         config: ml_collections.ConfigDict, dataset_info: dict[str, Any]) -> None:
+    """Starts an asynchronous save of `step`; returns before it is on disk.
+
+    `dataset_info` (e.g. a vocabulary) makes the checkpoint usable on its own.
+    """
     manager.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(model),
         train=ocp.args.StandardSave(train),
-        config=ocp.args.JsonSave(config.to_dict())), force=True)
+        config=ocp.args.JsonSave(config.to_dict()),
+        dataset=ocp.args.JsonSave(dataset_info)), force=True)
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_model: PyTree,
@@ -82,11 +87,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_model: PyTree,
 
 
 def restore_model(workdir: str, abstract_model: PyTree, step: int | None = None
-                  ) -> tuple[PyTree, int]:
+                  ) -> tuple[PyTree, dict[str, Any], int]:
     """Restores only the model variables of `step` (default: the latest).
 
     Returns:
-      The variables and the step they were saved at.
+      The variables, the dataset info saved with them, and their step.
     """
     directory = os.path.join(workdir, CHECKPOINT_DIR)
     if not os.path.isdir(directory):
@@ -103,7 +108,8 @@ def restore_model(workdir: str, abstract_model: PyTree, step: int | None = None
             f"{sorted(steps)}.")
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(abstract_model)))
+            model=ocp.args.StandardRestore(abstract_model),
+            dataset=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
         raise errors.UserError(
             f"Checkpoint {_step_dir(manager, step)} could not be restored "
@@ -111,7 +117,7 @@ def restore_model(workdir: str, abstract_model: PyTree, step: int | None = None
             f"(saved: {sorted(steps)}).") from e
     finally:
         manager.close()
-    return restored.model, step
+    return restored.model, restored.dataset, step
 
 
 def with_sharding(abstract: PyTree, sharding: jax.sharding.Sharding) -> PyTree:

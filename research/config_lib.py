@@ -68,6 +68,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice("model", config.model, models.MODELS)
     _check_choice("dataset", config.dataset, input_pipeline.DATASETS)
     _check_choice("optimizer", config.optimizer, state.OPTIMIZERS)
+    _check_choice("lr_schedule", config.lr_schedule, state.LR_SCHEDULES)
+    if config.warmup_steps < 0 or config.grad_clip_norm < 0:
+        raise errors.UserError("config.warmup_steps and config.grad_clip_norm must "
+                               "be >= 0 (0 turns them off).")
     for key in ("batch_size", "grad_accum_steps", "eval_batch_size", "num_epochs",
                 "steps_per_call", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints"):

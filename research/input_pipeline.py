@@ -1,12 +1,15 @@
 """TFDS datasets as in-memory numpy arrays; the only module importing TensorFlow.
 
 Small datasets are read once, whole, and live on the device; shuffling and
-batching happen there (see `train.py`), so the input never stalls a step.
+batching happen there (see `steps.train_steps`), so input never stalls a step.
+Each dataset spec says how its split becomes training examples (one row per
+example) and evaluation batches ([num_batches, batch, ...] with a `mask`).
 """
 import dataclasses
 import os
 import socket
 import time
+from typing import Any
 
 from absl import logging
 import jax
@@ -19,47 +22,168 @@ from research import errors
 Split = dict[str, np.ndarray]  # feature name -> array with a leading example axis
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageClassification:
-    """A TFDS image dataset with `image` (uint8 HWC) and integer `label`."""
-    tfds_name: str
-    input_shape: tuple[int, ...]  # one example's model input, e.g. (32, 32, 3)
-    num_classes: int
-    download_host: str  # probed before a download so that offline runs fail fast
-    task: str = "classification"  # key of tasks.TASKS
-
-    def preprocess(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """uint8 pixels to float32 in [0, 1]; runs on device inside the step."""
-        return {**batch, "image": batch["image"].astype(jnp.float32) / 255.0}
-
-
-DATASETS = {
-    "cifar10": ImageClassification("cifar10", (32, 32, 3), 10, "www.cs.toronto.edu"),
-}
-
-
-def get_dataset(name: str) -> ImageClassification:
-    if name not in DATASETS:
-        raise errors.UserError(
-            f"Unknown dataset {name!r}; choose from {sorted(DATASETS)}.")
-    return DATASETS[name]
-
-
 def resolve_data_dir(config: ml_collections.ConfigDict) -> str:
     """config.data_dir, else $TFDS_DATA_DIR, else TFDS's default folder."""
     return (config.data_dir or os.environ.get("TFDS_DATA_DIR")
             or os.path.expanduser("~/tensorflow_datasets"))
 
 
+def pad_to_batches(data: Split, batch_size: int) -> Split:
+    """Pads a split to whole batches, [num_batches, batch, ...], with a `mask`."""
+    n = len(next(iter(data.values())))
+    num_batches = -(-n // batch_size)
+    pad = num_batches * batch_size - n
+    out = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+           for k, v in data.items()}
+    out["mask"] = np.arange(num_batches * batch_size) < n
+    return {k: v.reshape((num_batches, batch_size) + v.shape[1:])
+            for k, v in out.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageClassification:
+    """A TFDS image dataset with `image` (uint8 HWC) and integer `label`."""
+    tfds_name: str
+    image_shape: tuple[int, ...]
+    num_classes: int
+    download_host: str  # probed before a download so that offline runs fail fast
+    task: str = "classification"  # key of tasks.TASKS
+    input_dtype: Any = jnp.float32
+
+    def input_shape(self, config: ml_collections.ConfigDict) -> tuple[int, ...]:
+        """One example's model input shape (no batch axis)."""
+        del config
+        return self.image_shape
+
+    def load(self, config: ml_collections.ConfigDict, split: str) -> Split:
+        parts = _read_tfds(self, config, split, ("image", "label"))
+        return {"image": np.concatenate(parts["image"]).astype(np.uint8),
+                "label": np.concatenate(parts["label"]).astype(np.int32)}
+
+    def train_examples(self, data: Split, config: ml_collections.ConfigDict) -> Split:
+        del config
+        return data
+
+    def eval_batches(self, data: Split, config: ml_collections.ConfigDict) -> Split:
+        return pad_to_batches(data, config.eval_batch_size)
+
+    def throughput_unit(self, config: ml_collections.ConfigDict) -> tuple[str, int]:
+        """What speed is counted in, and how many of it an example holds."""
+        del config
+        return "images", 1
+
+    def info(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
+        """What a checkpoint needs to be used on its own."""
+        del config
+        return {"num_classes": self.num_classes}
+
+    def preprocess(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """uint8 pixels to float32 in [0, 1]; runs on device inside the step."""
+        return {**batch, "image": batch["image"].astype(jnp.float32) / 255.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class CharacterText:
+    """A TFDS text dataset (`text` feature) as a character language model.
+
+    The vocabulary is the sorted characters of the training split. Training
+    examples are the text cut into windows of `config.seq_len + 1` characters
+    (stride `seq_len`, so every character is a target once an epoch); the
+    evaluation split is cut into `config.eval_batch_size` contiguous streams,
+    each read whole with the carry passed along, and every character after
+    the first is scored once.
+    """
+    tfds_name: str
+    download_host: str
+    task: str = "language_model"
+    input_dtype: Any = jnp.int32
+
+    def input_shape(self, config: ml_collections.ConfigDict) -> tuple[int, ...]:
+        return (config.seq_len,)
+
+    def vocab(self, config: ml_collections.ConfigDict) -> str:
+        """The sorted characters of the training split."""
+        texts = np.concatenate(_read_tfds(self, config, "train", ("text",))["text"])
+        return "".join(sorted(set(b"".join(texts).decode("utf-8"))))
+
+    def load(self, config: ml_collections.ConfigDict, split: str) -> Split:
+        texts = np.concatenate(_read_tfds(self, config, split, ("text",))["text"])
+        return {"text": encode(b"".join(texts).decode("utf-8"), self.vocab(config))}
+
+    def train_examples(self, data: Split, config: ml_collections.ConfigDict) -> Split:
+        vocab_size = config.model_kwargs.vocab_size
+        if vocab_size != len(self.vocab(config)):
+            raise errors.UserError(
+                f"config.model_kwargs.vocab_size={vocab_size} but the training text "
+                f"has {len(self.vocab(config))} distinct characters; set it to that.")
+        text, t = data["text"], config.seq_len
+        n = (len(text) - 1) // t
+        if n < 1:
+            raise errors.UserError(
+                f"The training text has {len(text)} characters, fewer than "
+                f"config.seq_len + 1 = {t + 1}; lower config.seq_len.")
+        idx = np.arange(n)[:, None] * t + np.arange(t + 1)[None, :]
+        return {"tokens": text[idx]}
+
+    def eval_batches(self, data: Split, config: ml_collections.ConfigDict) -> Split:
+        text, streams = data["text"], config.eval_batch_size
+        length = -(-(len(text) - 1) // streams)  # targets per stream
+        starts = np.arange(streams)[:, None] * length
+        positions = starts + np.arange(length + 1)[None, :]
+        tokens = np.where(positions < len(text),
+                          text[np.minimum(positions, len(text) - 1)], 0)
+        mask = positions[:, 1:] < len(text)
+        return {"tokens": tokens[None].astype(np.int32), "mask": mask[None]}
+
+    def throughput_unit(self, config: ml_collections.ConfigDict) -> tuple[str, int]:
+        return "chars", config.seq_len
+
+    def info(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
+        return {"vocab": self.vocab(config)}
+
+    def preprocess(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return batch
+
+
+DATASETS = {
+    "cifar10": ImageClassification("cifar10", (32, 32, 3), 10, "www.cs.toronto.edu"),
+    "tiny_shakespeare": CharacterText("tiny_shakespeare",
+                                      "raw.githubusercontent.com"),
+}
+
+
+def get_dataset(name: str) -> ImageClassification | CharacterText:
+    if name not in DATASETS:
+        raise errors.UserError(
+            f"Unknown dataset {name!r}; choose from {sorted(DATASETS)}.")
+    return DATASETS[name]
+
+
 def load_split(config: ml_collections.ConfigDict, split: str) -> Split:
-    """Reads one TFDS split whole into numpy arrays.
+    """Reads one split of `config.dataset` whole into numpy arrays.
 
     Raises:
       UserError: when the data is not prepared under the data_dir and cannot be
         downloaded; raised within seconds, never after download retries.
     """
+    return get_dataset(config.dataset).load(config, split)
+
+
+def encode(text: str, vocab: str) -> np.ndarray:
+    """Characters to int32 ids; raises UserError naming unknown characters."""
+    index = {c: i for i, c in enumerate(vocab)}
+    unknown = sorted(set(text) - set(index))
+    if unknown:
+        raise errors.UserError(
+            f"Characters not in the vocabulary: {''.join(unknown)!r}; the model "
+            f"knows only {vocab!r}.")
+    return np.array([index[c] for c in text], np.int32)
+
+
+def _read_tfds(dataset, config: ml_collections.ConfigDict, split: str,
+               features: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
+    """Reads `features` of a TFDS split in batches of numpy arrays."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    dataset = get_dataset(config.dataset)
     data_dir = resolve_data_dir(config)
     start = time.perf_counter()
     try:
@@ -83,18 +207,17 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> Split:
     except ValueError as e:  # bad split syntax or an unknown split name
         raise errors.UserError(f"Bad split {split!r} for {dataset.tfds_name}: {e}"
                                ) from None
-    parts = {"image": [], "label": []}
+    parts = {key: [] for key in features}
     # Never batch_size=-1: it aborts the process under tfds.testing.mock_data.
     for batch in tfds.as_numpy(ds.batch(10_000)):
         for key in parts:
             parts[key].append(batch[key])
-    if not parts["label"]:
+    if not parts[features[0]]:
         raise errors.UserError(f"Split {split!r} of {dataset.tfds_name} is empty.")
-    arrays = {"image": np.concatenate(parts["image"]).astype(np.uint8),
-              "label": np.concatenate(parts["label"]).astype(np.int32)}
     logging.info("Loaded %s[%s]: %d examples from %s in %.1fs", dataset.tfds_name,
-                 split, len(arrays["label"]), data_dir, time.perf_counter() - start)
-    return arrays
+                 split, sum(len(p) for p in parts[features[0]]), data_dir,
+                 time.perf_counter() - start)
+    return parts
 
 
 def _check_reachable(host: str, name: str, data_dir: str) -> None:

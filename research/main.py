@@ -16,6 +16,7 @@ from research import config_lib
 from research import errors
 from research import evaluate
 from research import parallel
+from research import sample
 from research import train
 
 config_flags.DEFINE_config_file(
@@ -23,11 +24,12 @@ config_flags.DEFINE_config_file(
     "fields are overridden with --config.<field>=<value>.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output folder for config, metrics and "
                     "checkpoints (default: runs/<config file name>[_<preset>]).")
-flags.DEFINE_enum("mode", "train", ["train", "eval"],
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
                   "train: train (resuming from the workdir's latest checkpoint) "
-                  "and evaluate; eval: evaluate a checkpoint only.")
-flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step to "
-                     "evaluate (default: the latest).")
+                  "and evaluate; eval: evaluate a checkpoint only; sample: "
+                  "continue config.sample.prompt with a text model.")
+flags.DEFINE_integer("step", None, "--mode=eval/sample: the checkpoint step "
+                     "to use (default: the latest).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process jobs: host:port of "
                     "process 0 (else read from the cluster's environment, if any).")
 flags.DEFINE_integer("num_processes", None, "Multi-process jobs: how many.")
@@ -63,6 +65,10 @@ def run(argv: list[str]) -> dict[str, float]:
     logging.info("Mode %s, workdir %s, config:\n%s", FLAGS.mode, workdir, config)
     if FLAGS.mode == "eval":
         return evaluate.evaluate(config, workdir, FLAGS.step)
+    if FLAGS.mode == "sample":
+        text = sample.sample(config, workdir, FLAGS.step)
+        print(text)
+        return {"text": text}
     return train.train_and_evaluate(config, workdir)
 
 

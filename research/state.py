@@ -30,39 +30,78 @@ def model_variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
     return variables
 
 
-def _sgd(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    return optax.sgd(config.learning_rate, momentum=config.momentum or None)
+def create_learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int
+                            ) -> optax.Schedule:
+    """Linear warmup over `warmup_steps`, then constant or cosine decay.
+
+    The cosine decays from `learning_rate` to `end_learning_rate` at the
+    last step.
+    """
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise errors.UserError(f"Unknown lr_schedule {config.lr_schedule!r}; choose "
+                               f"from {sorted(LR_SCHEDULES)}.")
+    return LR_SCHEDULES[config.lr_schedule](config, total_steps)
 
 
-OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict],
-                               optax.GradientTransformation]] = {
-    "sgd": _sgd,
+def _constant(config, total_steps):
+    del total_steps
+    if not config.warmup_steps:
+        return optax.constant_schedule(config.learning_rate)
+    return optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+
+
+def _cosine(config, total_steps):
+    return optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, config.warmup_steps, max(total_steps, 1),
+        end_value=config.end_learning_rate)
+
+
+LR_SCHEDULES = {"constant": _constant, "cosine": _cosine}
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": lambda config, lr: optax.sgd(lr, momentum=config.momentum or None),
+    "adam": lambda config, lr: optax.adam(lr),
 }
 
 
-def create_optimizer(config: ml_collections.ConfigDict
+def create_optimizer(config: ml_collections.ConfigDict, total_steps: int
                      ) -> optax.GradientTransformation:
+    """The config's optimizer, schedule and gradient clipping."""
     if config.optimizer not in OPTIMIZERS:
         raise errors.UserError(f"Unknown optimizer {config.optimizer!r}; choose "
                                f"from {sorted(OPTIMIZERS)}.")
-    return OPTIMIZERS[config.optimizer](config)
+    tx = OPTIMIZERS[config.optimizer](
+        config, create_learning_rate_fn(config, total_steps))
+    if config.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    return tx
 
 
 def init_variables(rng: jax.Array, model: nn.Module,
-                   input_shape: tuple[int, ...], input_dtype=jnp.float32
+                   input_shape: tuple[int, ...], input_dtype: Any = jnp.float32
                    ) -> dict[str, PyTree]:
     """Model variables for inputs of `input_shape` (batch axis included)."""
     return model.init(rng, jnp.zeros(input_shape, input_dtype), train=False)
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
-                       model: nn.Module, input_shape: tuple[int, ...]
+                       model: nn.Module, input_shape: tuple[int, ...],
+                       input_dtype: Any = jnp.float32, total_steps: int = 0
                        ) -> TrainState:
-    """Initialises the model and the optimizer named in the config."""
-    variables = init_variables(rng, model, input_shape)
+    """Initialises the model and the optimizer named in the config.
+
+    Args:
+      rng: the init key.
+      config: names the optimizer and its schedule.
+      model: the linen module.
+      input_shape: a model input's shape, batch axis included.
+      input_dtype: its dtype (int32 for tokens).
+      total_steps: the run's length, for decaying schedules.
+    """
+    variables = init_variables(rng, model, input_shape, input_dtype)
     return TrainState.create(
         apply_fn=model.apply, params=variables["params"],
-        tx=create_optimizer(config),
+        tx=create_optimizer(config, total_steps),
         batch_stats=variables.get("batch_stats", {}))
 
 

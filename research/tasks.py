@@ -35,8 +35,34 @@ class Classification:
             mask=batch.get("mask"))
 
 
+@dataclasses.dataclass(frozen=True)
+class LanguageModel:
+    """Next-token prediction: `tokens` [batch, time + 1] -> logits [batch, time].
+
+    Losses are per token; an optional `mask` [batch, time] drops padding.
+    """
+    metrics_cls: type[clu_metrics.Collection] = metrics_lib.LanguageModelMetrics
+
+    def model_input(self, batch: Batch) -> jax.Array:
+        return batch["tokens"][:, :-1]
+
+    def losses(self, logits: jax.Array, batch: Batch) -> jax.Array:
+        """Per-token cross-entropy, [batch, time]."""
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits, batch["tokens"][:, 1:])
+
+    def metrics(self, losses: jax.Array, logits: jax.Array, batch: Batch
+                ) -> clu_metrics.Collection:
+        del logits
+        mask = batch.get("mask")
+        return self.metrics_cls.single_from_model_output(
+            loss=losses.reshape(-1),
+            mask=None if mask is None else mask.reshape(-1))
+
+
 TASKS: dict[str, Any] = {
     "classification": Classification(),
+    "language_model": LanguageModel(),
 }
 
 

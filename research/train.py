@@ -56,19 +56,6 @@ def prepare_workdir(workdir: str) -> None:
             "you can write to.") from None
 
 
-def pad_to_batches(data: input_pipeline.Split, batch_size: int
-                   ) -> input_pipeline.Split:
-    """Pads a split to whole batches, [num_batches, batch, ...], with a `mask`."""
-    n = len(data["label"])
-    num_batches = -(-n // batch_size)
-    pad = num_batches * batch_size - n
-    out = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
-           for k, v in data.items()}
-    out["mask"] = np.arange(num_batches * batch_size) < n
-    return {k: v.reshape((num_batches, batch_size) + v.shape[1:])
-            for k, v in out.items()}
-
-
 class _SignalCatcher:
     """Turns SIGINT/SIGTERM into a flag the loop checks between calls."""
 
@@ -129,9 +116,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                              config.grad_accum_steps)
     parallel.check_divisible("eval_batch_size", config.eval_batch_size, mesh)
     # Every process reads the whole (small) splits; see README, "Scaling out".
-    train_data = input_pipeline.load_split(config, config.train_split)
-    eval_data = input_pipeline.load_split(config, config.eval_split)
-    num_train = len(train_data["label"])
+    train_data = dataset.train_examples(
+        dataset.load(config, config.train_split), config)
+    eval_data = dataset.eval_batches(dataset.load(config, config.eval_split), config)
+    num_train = len(next(iter(train_data.values())))
     if config.batch_size > num_train:
         raise errors.UserError(
             f"config.batch_size={config.batch_size} is larger than the "
@@ -144,7 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         out_shardings=parallel.replicated(mesh))()
     state = jax.jit(functools.partial(
         state_lib.create_train_state, config=config, model=model,
-        input_shape=(1,) + dataset.input_shape),
+        input_shape=(1,) + dataset.input_shape(config),
+        input_dtype=dataset.input_dtype, total_steps=total_steps),
         out_shardings=parallel.replicated(mesh))(init_key)
     epoch_totals = parallel.put_replicated(task.metrics_cls.empty(), mesh)
     logging.info("Model %s: %d parameters; %d steps (%d epochs of %d) at batch %d "
@@ -187,16 +176,16 @@ def _train_loop(config, workdir, manager, writer, mesh, state, epoch_totals, dat
         logging.info("Resuming at step %d of %d.", int(state.step), total_steps)
     if jax.process_index() == 0:
         config_lib.save_config(config, workdir)
+    dataset_info = dataset.info(config)
 
     if restored is None:
         writer.write_hparams(dict(_flatten(config.to_dict())))
 
     # Every device holds the (small) splits; each gathers its rows of a batch.
     train_dev = parallel.put_replicated(train_data, mesh)
-    eval_dev = parallel.put_replicated(
-        pad_to_batches(eval_data, config.eval_batch_size), mesh)
+    eval_dev = parallel.put_replicated(eval_data, mesh)
     batch_sharding = parallel.batch_sharded(mesh)
-    num_train = len(train_data["label"])
+    num_train = len(next(iter(train_data.values())))
     perm_fn = jax.jit(lambda epoch: jax.random.permutation(
         jax.random.fold_in(data_key, epoch), num_train).astype(jnp.int32),
         out_shardings=sharding)
@@ -278,14 +267,15 @@ def _train_loop(config, workdir, manager, writer, mesh, state, epoch_totals, dat
                 steps_per_sec = (step - log_step) / (now - log_start)
                 train_metrics = {f"train/{k}": float(v)
                                  for k, v in log_totals.compute().items()}
+                unit, per_example = dataset.throughput_unit(config)
+                items_per_sec = steps_per_sec * config.batch_size * per_example
                 writer.write_scalars(step, {
                     **train_metrics, "perf/steps_per_sec": steps_per_sec,
-                    "perf/examples_per_sec": steps_per_sec * config.batch_size})
+                    f"perf/{unit}_per_sec": items_per_sec})
                 logging.info(
-                    "step %d/%d epoch %d: train loss %.4f, %.0f steps/s, %.0f "
-                    "examples/s, ETA %s", step, total_steps, epoch + 1,
-                    train_metrics["train/loss"], steps_per_sec,
-                    steps_per_sec * config.batch_size,
+                    "step %d/%d epoch %d: train loss %.4f, %.1f steps/s, %.0f "
+                    "%s/s, ETA %s", step, total_steps, epoch + 1,
+                    train_metrics["train/loss"], steps_per_sec, items_per_sec, unit,
                     _hms((total_steps - step) / steps_per_sec))
                 log_totals = empty()
                 log_start, log_step = time.perf_counter(), step
@@ -297,8 +287,8 @@ def _train_loop(config, workdir, manager, writer, mesh, state, epoch_totals, dat
                 writer.write_scalars(step, {"epoch": epoch + 1,
                                             "epoch/train_loss": train_loss, **result})
                 logging.info("epoch %d/%d: train loss %.4f, %s, %.1fs", epoch + 1,
-                             config.num_epochs, train_loss, describe(result),
-                             seconds)
+                             config.num_epochs, train_loss,
+                             describe(result, config.eval_split), seconds)
                 epoch_totals = empty()
                 epoch_start = time.perf_counter()
 
@@ -307,7 +297,7 @@ def _train_loop(config, workdir, manager, writer, mesh, state, epoch_totals, dat
                 checkpointing.save(
                     manager, step, state.variables,
                     {"step": state.step, "opt_state": state.opt_state,
-                     "epoch_metrics": epoch_totals}, config)
+                     "epoch_metrics": epoch_totals}, config, dataset_info)
                 last_saved = step
             if signals.signum is not None:
                 raise Interrupted(signals.signum, step)
@@ -323,9 +313,9 @@ def _flatten(tree: dict[str, Any], prefix: str = ""):
             yield f"{prefix}{key}", value if scalar else str(value)
 
 
-def describe(eval_metrics: dict[str, float]) -> str:
+def describe(eval_metrics: dict[str, float], split: str = "test") -> str:
     """'test loss 1.2345, test accuracy 0.5678' for the log."""
-    return ", ".join(f"test {k.split('/')[-1]} {v:.4f}"
+    return ", ".join(f"{split} {k.split('/')[-1]} {v:.4f}"
                      for k, v in eval_metrics.items())
 
 

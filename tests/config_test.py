@@ -86,7 +86,7 @@ def test_python_overrides_are_checked():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("model", "resnet9000", r"Unknown model 'resnet9000'.*\['lenet'\]"),
+    ("model", "resnet9000", r"Unknown model 'resnet9000'.*'lenet'"),
     ("dataset", "imagenet", r"Unknown dataset 'imagenet'.*cifar10"),
     ("optimizer", "lion", r"Unknown optimizer 'lion'.*sgd"),
     ("batch_size", 0, "batch_size must be a positive integer"),

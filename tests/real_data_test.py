@@ -37,3 +37,22 @@ def test_one_epoch_of_the_seed_recipe_learns(tmp_path):
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 12_500
     assert result["eval/accuracy"] > 0.30, result
+
+
+SHAKESPEARE = os.path.join(conftest.CONFIGS, "shakespeare_rnn.py")
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(os.path.join(DATA_DIR, "tiny_shakespeare")),
+    reason=f"real Tiny Shakespeare not prepared under $TFDS_DATA_DIR={DATA_DIR!r}")
+def test_smoke_rnn_learns_real_text(tmp_path):
+    """The smoke preset (1 x 32 LSTM, one epoch) on the real text.
+
+    Measured on the 2-core CPU: 2.52 nats/char on the whole validation split;
+    a character unigram model gets about 3.3. The bar, 2.8, needs context.
+    """
+    config = config_lib.load_config(SHAKESPEARE + ":smoke")
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["eval/loss"] < 2.8, result
+    vocab = input_pipeline.get_dataset("tiny_shakespeare").vocab(config)
+    assert len(vocab) == 65 and vocab[0] == "\n"

@@ -13,7 +13,7 @@ from research import models
 from research import state as state_lib
 from research import steps
 from research import tasks
-from research import train
+from research import input_pipeline
 from tests import conftest
 
 TASK = tasks.get_task("classification")
@@ -114,7 +114,7 @@ class EvaluateTest(absltest.TestCase):
     def test_padded_batches_count_every_example_once(self):
         state, data = _setup(n=37)
         raw = {k: np.asarray(v) for k, v in data.items()}
-        padded = train.pad_to_batches(raw, 8)
+        padded = input_pipeline.pad_to_batches(raw, 8)
         self.assertEqual(padded["image"].shape, (5, 8, 32, 32, 3))
         self.assertEqual(int(padded["mask"].sum()), 37)
         totals = steps.evaluate_batches(state.apply_fn, state.variables, padded,

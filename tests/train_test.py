@@ -79,7 +79,7 @@ def test_main_smoke_preset_end_to_end(tmp_path):
     assert [r["epoch"] for r in epochs] == [1, 2]
     assert all(0 <= r["eval/accuracy"] <= 1 and np.isfinite(r["eval/loss"])
                for r in epochs)
-    assert any("perf/examples_per_sec" in r for r in records)
+    assert any("perf/images_per_sec" in r for r in records)
     assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
     # 48 mocked examples // 8 = 6 steps an epoch; saves at 6 and 12.
     assert saved_steps(workdir) == [6, 12]

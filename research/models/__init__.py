@@ -5,10 +5,12 @@ from flax import linen as nn
 
 from research import errors
 from research.models import cnn
+from research.models import rnn
 
 MODELS: dict[str, type[nn.Module]] = {
     "lenet": cnn.LeNet,
     "convnet": cnn.ConvNet,
+    "char_rnn": rnn.CharRNN,
 }
 
 

@@ -1,0 +1,76 @@
+"""Character-level LSTM language model of Tiny Shakespeare.
+
+python -m research.main --config=configs/shakespeare_rnn.py:cpu --workdir=runs/rnn
+python -m research.main --config=configs/shakespeare_rnn.py:smoke --workdir=runs/smoke
+python -m research.main --config=configs/shakespeare_rnn.py --workdir=runs/rnn \
+    --mode=sample --config.sample.prompt='ROMEO:'
+python -m research.main --workdir=runs/rnn --mode=eval --config.eval_split=test
+"""
+import ml_collections
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the experiment config; `preset` is the part after the colon."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0                   # the init, dropout and data-order keys
+    # Data.
+    config.dataset = "tiny_shakespeare"  # key of input_pipeline.DATASETS
+    config.data_dir = ""              # TFDS data_dir; "": $TFDS_DATA_DIR or the default
+    config.download = False           # let TFDS download when the data is not prepared
+    config.train_split = "train"      # the vocabulary is built from "train"
+    config.eval_split = "validation"  # scored whole after every epoch
+    config.seq_len = 128              # characters per training window (BPTT length)
+    # Model.
+    config.model = "char_rnn"         # key of models.MODELS
+    config.model_kwargs = ml_collections.ConfigDict({
+        "vocab_size": 65,             # must equal the training text's characters
+        "cell": "lstm",               # "lstm" or "gru"
+        "embed_dim": 64,
+        "hidden_size": 512,
+        "num_layers": 2,
+        "dropout_rate": 0.2,          # between layers and before the head
+    })
+    # Optimisation.
+    config.optimizer = "adam"         # key of state.OPTIMIZERS
+    config.learning_rate = 2e-3       # peak, after the warmup
+    config.momentum = 0.0             # SGD only
+    config.lr_schedule = "cosine"     # key of state.LR_SCHEDULES: constant, cosine
+    config.warmup_steps = 100         # linear warmup from 0
+    config.end_learning_rate = 1e-4   # where "cosine" ends
+    config.grad_clip_norm = 5.0       # clip gradients to this global norm; 0: off
+    config.batch_size = 64            # windows per step, over all devices
+    config.grad_accum_steps = 1       # micro-batches per step: same update, less memory
+    config.num_epochs = 30            # an epoch: the training text once (~122 steps)
+    # Devices and loop.
+    config.num_devices = 0            # devices on the mesh's data axis; 0: all
+    config.eval_batch_size = 16       # contiguous streams the eval text is cut into
+    config.steps_per_call = 1         # steps unrolled per jitted call (1-64), README
+    config.log_every_steps = 50       # progress line and train metrics
+    config.checkpoint_every_steps = 250  # also saved at every epoch end and at the end
+    config.keep_checkpoints = 3       # most recent checkpoints kept
+    # --mode=sample.
+    config.sample = ml_collections.ConfigDict({
+        "prompt": "ROMEO:",           # text to continue; its characters must be known
+        "length": 500,                # characters to generate
+        "temperature": 0.8,           # 0: greedy (argmax)
+        "top_k": 0,                   # sample from the k likeliest; 0: all
+        "seed": 0,                    # same seed, same text
+    })
+
+    if preset == "cpu":               # about 30 minutes on the 2-core CPU
+        config.num_epochs = 10
+    elif preset == "smoke":           # seconds-long run for tests
+        config.seq_len = 32
+        config.model_kwargs.embed_dim = 16
+        config.model_kwargs.hidden_size = 32
+        config.model_kwargs.num_layers = 1
+        config.batch_size = 64
+        config.num_epochs = 1
+        config.warmup_steps = 10
+        config.log_every_steps = 100
+        config.checkpoint_every_steps = 200
+        config.sample.length = 100
+    elif preset:
+        raise ValueError(f"Unknown preset {preset!r} for shakespeare_rnn; choose "
+                         "from ['cpu', 'smoke'] or none")
+    return config

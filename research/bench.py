@@ -1,0 +1,228 @@
+"""Benchmark: train/eval throughput, step time, compile time and MFU, next to
+the same model and step in PyTorch, measured in the same run.
+
+python -m research.bench --config=configs/cifar_cnn.py --batch_sizes=4,128,512
+python -m research.bench --config=configs/shakespeare_rnn.py --batch_sizes=64 \
+    --rnn_sizes=1x256,2x256,2x512
+XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+    python -m research.bench --config=configs/cifar_cnn.py --num_devices=1,2 --notorch
+
+The JAX step is the trainer's own (`steps.train_steps` with data on the device,
+the state donated); PyTorch runs eagerly in another interpreter
+(`research/bench_torch.py`; `--torch_python`, default $TORCH_PYTHON or
+.venv-torch/bin/python). Warm-up is excluded on both sides; each number is the
+median of `--repeats` timings of `--steps` steps. Model FLOPs come from XLA's
+cost analysis of the compiled step; the peak is a float32 matmul timed here.
+"""
+import functools
+import json
+import os
+import statistics
+import subprocess
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from research import input_pipeline
+from research import models
+from research import parallel
+from research import state as state_lib
+from research import steps
+from research import tasks
+
+config_flags.DEFINE_config_file("config", None, "Config to benchmark.",
+                                lock_config=False)
+flags.DEFINE_list("batch_sizes", ["4", "128", "512"], "Global batch sizes.")
+flags.DEFINE_list("num_devices", ["0"], "Device counts to compare (0: all).")
+flags.DEFINE_list("rnn_sizes", [], "For text models: LAYERSxHIDDEN sizes, e.g. "
+                  "1x256,2x512 (default: the config's).")
+flags.DEFINE_integer("steps", 20, "Steps per timing.")
+flags.DEFINE_integer("repeats", 3, "Timings per number (the median is kept).")
+flags.DEFINE_string("output", "bench.json", "Where the JSON records go.")
+flags.DEFINE_bool("torch", True, "Also time the PyTorch model.")
+flags.DEFINE_string("torch_python", None, "Interpreter with torch installed.")
+FLAGS = flags.FLAGS
+
+
+def matmul_peak_flops(n: int = 2048) -> float:
+    """Float32 FLOP/s of an n^3 matmul on the default device (best of 5)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    dot = jax.jit(lambda x: x @ x)
+    dot(a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dot(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def _median_time(fn, steps: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = None
+        for _ in range(steps):
+            out = fn()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def _synthetic_split(dataset, config, examples: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    if dataset.task == "language_model":
+        vocab = config.model_kwargs.vocab_size
+        return {"tokens": rng.integers(0, vocab, (examples, config.seq_len + 1),
+                                       dtype=np.int32)}
+    return {"image": rng.integers(0, 256, (examples,) + dataset.image_shape,
+                                  dtype=np.uint8),
+            "label": rng.integers(0, dataset.num_classes, examples, dtype=np.int32)}
+
+
+def bench_jax(config, batch_size: int, num_devices: int) -> dict:
+    """Times the trainer's compiled step and an eval step on synthetic data."""
+    dataset = input_pipeline.get_dataset(config.dataset)
+    task = tasks.get_task(dataset.task)
+    model = models.create_model(config.model, **config.model_kwargs)
+    mesh = parallel.create_mesh(num_devices)
+    parallel.check_divisible("batch_size", batch_size, mesh, config.grad_accum_steps)
+    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    examples = batch_size * 8
+    data = parallel.put_replicated(_synthetic_split(dataset, config, examples), mesh)
+    perm = parallel.put_replicated(np.random.default_rng(1).permutation(
+        examples).astype(np.int32), mesh)
+    state = jax.jit(functools.partial(
+        state_lib.create_train_state, config=config, model=model,
+        input_shape=(1,) + dataset.input_shape(config),
+        input_dtype=dataset.input_dtype, total_steps=10_000),
+        out_shardings=replicated)(jax.random.key(0))
+    key = jax.device_put(jax.random.key(1), replicated)
+    train_fn = jax.jit(functools.partial(
+        steps.train_steps, num_steps=1, task=task, batch_size=batch_size,
+        preprocess_fn=dataset.preprocess, grad_accum_steps=config.grad_accum_steps,
+        batch_sharding=sharded), out_shardings=replicated, donate_argnums=(0, 1, 2))
+
+    def fresh():
+        return (parallel.put_replicated(task.metrics_cls.empty(), mesh),
+                parallel.put_replicated(np.int32(-1), mesh))
+
+    start = time.perf_counter()
+    compiled = train_fn.lower(state, *fresh(), data, perm, key).compile()
+    compile_s = time.perf_counter() - start
+    flops = (compiled.cost_analysis() or {}).get("flops", 0.0)
+    if isinstance(compiled.cost_analysis(), list):  # older jax: one dict per device
+        flops = compiled.cost_analysis()[0].get("flops", 0.0)
+
+    holder = {"state": state}
+
+    def train_call():
+        totals, bad = fresh()
+        holder["state"], totals, bad = compiled(holder["state"], totals, bad, data,
+                                                perm, key)
+        return bad
+
+    jax.block_until_ready(train_call())
+    step_s = _median_time(train_call, FLAGS.steps, FLAGS.repeats)
+
+    batch = jax.device_put(jax.tree.map(lambda a: a[:batch_size], data), sharded)
+    eval_fn = jax.jit(functools.partial(steps.eval_step, model.apply, task=task),
+                      out_shardings=replicated)
+    variables = holder["state"].variables
+    prepared = dataset.preprocess(batch)
+    jax.block_until_ready(eval_fn(variables, prepared))
+    eval_s = _median_time(lambda: eval_fn(variables, prepared), FLAGS.steps,
+                          FLAGS.repeats)
+    _, per_example = dataset.throughput_unit(config)
+    return {"framework": "jax", "jax_version": jax.__version__,
+            "devices": mesh.size, "train_per_sec": batch_size * per_example / step_s,
+            "eval_per_sec": batch_size * per_example / eval_s,
+            "step_ms": 1e3 * step_s, "compile_s": compile_s,
+            "model_flops_per_step": flops}
+
+
+def bench_torch(config, batch_size: int) -> dict | None:
+    python = (FLAGS.torch_python or os.environ.get("TORCH_PYTHON")
+              or os.path.join(os.getcwd(), ".venv-torch", "bin", "python"))
+    if not os.path.exists(python):
+        logging.warning("No interpreter with torch at %s; skipping PyTorch (see "
+                        "README, Benchmarks).", python)
+        return None
+    job = {"model": "lenet" if config.model == "lenet" else "lstm",
+           "batch_size": batch_size, "steps": FLAGS.steps, "repeats": FLAGS.repeats,
+           "learning_rate": config.learning_rate, "momentum": config.momentum,
+           "grad_clip_norm": config.grad_clip_norm}
+    if job["model"] == "lstm":
+        if config.model_kwargs.cell != "lstm":
+            return None
+        job.update({k: config.model_kwargs[k] for k in (
+            "vocab_size", "embed_dim", "hidden_size", "num_layers", "dropout_rate")})
+        job["seq_len"] = config.seq_len
+    script = os.path.join(os.path.dirname(__file__), "bench_torch.py")
+    out = subprocess.run([python, script, json.dumps(job)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _variants(config):
+    if not FLAGS.rnn_sizes:
+        yield config.model, config
+        return
+    for size in FLAGS.rnn_sizes:
+        layers, hidden = (int(v) for v in size.lower().split("x"))
+        variant = config.copy_and_resolve_references()
+        variant.model_kwargs.num_layers = layers
+        variant.model_kwargs.hidden_size = hidden
+        yield f"{config.model} {size}", variant
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    peak = matmul_peak_flops()
+    logging.info("float32 matmul peak measured: %.1f GFLOP/s", peak / 1e9)
+    records = []
+    for name, variant in _variants(config):
+        for batch_size in (int(b) for b in FLAGS.batch_sizes):
+            for num_devices in (int(d) for d in FLAGS.num_devices):
+                rec = bench_jax(variant, batch_size, num_devices)
+                rec["mfu"] = (rec["model_flops_per_step"] / (rec["step_ms"] / 1e3)
+                              / (peak * rec["devices"]))
+                records.append({"config": name, "batch_size": batch_size, **rec})
+            if FLAGS.torch:
+                rec = bench_torch(variant, batch_size)
+                if rec:
+                    jax_rec = records[-1]
+                    rec["mfu"] = (jax_rec["model_flops_per_step"]
+                                  / (rec["step_ms"] / 1e3) / peak)
+                    records.append({"config": name, "batch_size": batch_size, **rec})
+    unit = input_pipeline.get_dataset(config.dataset).throughput_unit(config)[0] + "/s"
+    print(f"float32 matmul peak: {peak / 1e9:.0f} GFLOP/s")
+    print(f"{'config':<22}{'batch':>6}{'framework':>10}{'devices':>8}"
+          f"{'train ' + unit:>18}{'eval ' + unit:>18}{'step ms':>9}{'MFU':>7}"
+          f"{'jax/torch':>10}")
+    for rec in records:
+        ratio = ""
+        if rec["framework"] == "jax":
+            torch_rec = next((r for r in records if r["framework"] == "torch"
+                              and r["config"] == rec["config"]
+                              and r["batch_size"] == rec["batch_size"]), None)
+            if torch_rec:
+                ratio = f"{rec['train_per_sec'] / torch_rec['train_per_sec']:.2f}"
+        print(f"{rec['config']:<22}{rec['batch_size']:>6}{rec['framework']:>10}"
+              f"{rec.get('devices', 1):>8}{rec['train_per_sec']:>18,.0f}"
+              f"{rec['eval_per_sec']:>18,.0f}{rec['step_ms']:>9.2f}"
+              f"{rec['mfu']:>7.1%}{ratio:>10}")
+    with open(FLAGS.output, "w") as f:
+        json.dump(records, f, indent=1)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

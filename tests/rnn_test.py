@@ -1,0 +1,238 @@
+"""Character RNNs: shapes, the explicit carry, training, sampling, end to end."""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from flax import linen as nn
+
+from research import config_lib
+from research import errors
+from research import input_pipeline
+from research import models
+from research import sample
+from research import state as state_lib
+from research import steps
+from research import tasks
+from research import train
+from research import writers
+from research.models import rnn
+from tests import conftest
+
+CONFIG = os.path.join(conftest.CONFIGS, "shakespeare_rnn.py")
+TASK = tasks.get_task("language_model")
+
+
+def _model(cell="lstm", **kwargs):
+    values = {"vocab_size": 11, "cell": cell, "embed_dim": 4, "hidden_size": 8,
+              "num_layers": 2, "dropout_rate": 0.0}
+    values.update(kwargs)
+    return models.create_model("char_rnn", **values)
+
+
+def _expected_params(cell, vocab, embed, hidden, layers):
+    gates = 4 if cell == "lstm" else 3
+    total = vocab * embed + hidden * vocab + vocab  # embedding, head
+    for layer in range(layers):
+        inputs = embed if layer == 0 else hidden
+        total += inputs * gates * hidden + gates * hidden  # input projection
+        total += hidden * gates * hidden  # recurrent kernel
+        total += gates * hidden if cell == "gru" else 0  # GRU's b_h
+    return total
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_shapes_and_parameter_counts(cell):
+    model = _model(cell)
+    variables = state_lib.init_variables(jax.random.key(0), model, (2, 5), jnp.int32)
+    assert state_lib.count_params(variables["params"]) == _expected_params(
+        cell, 11, 4, 8, 2)
+    logits = model.apply(variables, jnp.zeros((3, 7), jnp.int32))
+    assert logits.shape == (3, 7, 11)
+    # The cpu preset's LSTM: 2 x 512, embedding 64, 65 characters.
+    config = config_lib.load_config(CONFIG + ":cpu")
+    big = models.create_model(config.model, **config.model_kwargs)
+    shapes = jax.eval_shape(functools.partial(
+        state_lib.init_variables, model=big, input_shape=(1, 4),
+        input_dtype=jnp.int32), jax.random.key(0))
+    assert state_lib.count_params(shapes["params"]) == _expected_params(
+        "lstm", 65, 64, 512, 2) == 3_318_401
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_token_by_token_and_chunks_equal_one_pass(cell):
+    model = _model(cell)
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 11)
+    variables = state_lib.init_variables(jax.random.key(0), model, (2, 12), jnp.int32)
+    whole = model.apply(variables, tokens)
+    carry, pieces = model.initialize_carry(2), []
+    for t in range(12):
+        logits, carry = model.apply(variables, tokens[:, t:t + 1], carry=carry,
+                                    return_carry=True)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), whole, atol=1e-5)
+    first, carry = model.apply(variables, tokens[:, :5],
+                               carry=model.initialize_carry(2), return_carry=True)
+    second = model.apply(variables, tokens[:, 5:], carry=carry)
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), whole, atol=1e-6)
+
+
+def _flax_lstm_as_ours(params):
+    """flax nn.LSTMCell params -> (W_x, b, W_hh) in gate order i, f, g, o."""
+    gates = ("i", "f", "g", "o")
+    return (jnp.concatenate([params[f"i{g}"]["kernel"] for g in gates], -1),
+            jnp.concatenate([params[f"h{g}"]["bias"] for g in gates]),
+            jnp.concatenate([params[f"h{g}"]["kernel"] for g in gates], -1))
+
+
+def test_fused_lstm_equals_flax_lstm_values_and_gradients():
+    """The hoisted projection and the hand-written backward are flax's LSTM."""
+    x = jax.random.normal(jax.random.key(0), (3, 6, 5))
+    ref = nn.RNN(nn.LSTMCell(7), return_carry=True)
+    ref_vars = ref.init(jax.random.key(1), x)
+    w_x, b, w_hh = _flax_lstm_as_ours(ref_vars["params"]["cell"])
+    cell = rnn.FusedLSTM(7)
+    carry0 = (0.1 * jnp.ones((3, 7)), -0.2 * jnp.ones((3, 7)))
+
+    def ours(x, w_x, w_hh):
+        carry, hs = cell.apply({"params": {"hidden": {"kernel": w_hh}}}, x @ w_x + b,
+                               initial_carry=carry0)
+        return hs, carry
+
+    def theirs(x, params):
+        carry, hs = ref.apply({"params": {"cell": params}}, x, initial_carry=carry0)
+        return hs, carry
+
+    hs, carry = ours(x, w_x, w_hh)
+    ref_hs, ref_carry = theirs(x, ref_vars["params"]["cell"])
+    np.testing.assert_allclose(hs, ref_hs, atol=1e-5)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5),
+                 carry, ref_carry)
+
+    def scalar(out):  # weights every output and the final carry differently
+        hs, (c, h) = out
+        return (jnp.sin(hs) * jnp.arange(7)).sum() + (c ** 2).sum() + h.sum()
+
+    g_x, g_wx, g_wh = jax.grad(lambda *a: scalar(ours(*a)), argnums=(0, 1, 2))(
+        x, w_x, w_hh)
+    r_x, r_params = jax.grad(lambda *a: scalar(theirs(*a)), argnums=(0, 1))(
+        x, ref_vars["params"]["cell"])
+    r_wx, _, r_wh = _flax_lstm_as_ours(r_params)
+    for ours_g, ref_g in ((g_x, r_x), (g_wx, r_wx), (g_wh, r_wh)):
+        np.testing.assert_allclose(ours_g, ref_g, atol=1e-4, rtol=1e-4)
+
+
+def test_projected_gru_cell_equals_flax_gru():
+    x = jax.random.normal(jax.random.key(0), (3, 6, 5))
+    ref = nn.RNN(nn.GRUCell(7))
+    ref_vars = ref.init(jax.random.key(1), x)
+    p = ref_vars["params"]["cell"]
+    gates = ("r", "z", "n")
+    w_x = jnp.concatenate([p[f"i{g}"]["kernel"] for g in gates], -1)
+    b_x = jnp.concatenate([p[f"i{g}"]["bias"] for g in gates])
+    hidden = {"kernel": jnp.concatenate([p[f"h{g}"]["kernel"] for g in gates], -1),
+              "bias": jnp.concatenate([jnp.zeros(14), p["hn"]["bias"]])}
+    out = nn.RNN(rnn.ProjectedGRUCell(7)).apply(
+        {"params": {"cell": {"hidden": hidden}}}, x @ w_x + b_x)
+    np.testing.assert_allclose(out, ref.apply(ref_vars, x), atol=1e-5)
+
+
+def test_loss_falls_on_a_tiny_text():
+    config = config_lib.load_config(
+        CONFIG + ":smoke", {"learning_rate": 1e-2, "warmup_steps": 0})
+    model = _model()
+    state = state_lib.create_train_state(jax.random.key(0), config, model, (1, 16),
+                                         jnp.int32, 100)
+    text = jnp.asarray(np.tile(np.arange(11), 20)[None, :17].repeat(4, 0))
+    batch = {"tokens": text}
+    step = jax.jit(functools.partial(steps.train_step, task=TASK))
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, batch, jax.random.key(1))
+        losses.append(float(metrics.compute()["loss"]))
+    assert losses[-1] < 0.6 * losses[0], losses  # measured: 2.41 -> 1.21
+
+
+def test_language_model_metrics():
+    losses = jnp.array([[1.0, 2.0], [3.0, 100.0]])
+    metrics = TASK.metrics(losses, None, {"mask": jnp.array([[1, 1], [1, 0]], bool)})
+    result = metrics.compute()
+    assert float(result["loss"]) == pytest.approx(2.0)
+    assert float(result["bits_per_char"]) == pytest.approx(2.0 / np.log(2))
+    assert float(result["perplexity"]) == pytest.approx(np.exp(2.0))
+
+
+def test_windows_and_streams_cover_the_text():
+    dataset = input_pipeline.get_dataset("tiny_shakespeare")
+    config = config_lib.load_config(CONFIG, {"seq_len": 4, "eval_batch_size": 3})
+    text = np.arange(14, dtype=np.int32)
+    windows = dataset.eval_batches({"text": text}, config)
+    # 13 targets over 3 streams of 5; every target exactly once.
+    targets = windows["tokens"][0][:, 1:][windows["mask"][0]]
+    assert sorted(targets.tolist()) == list(range(1, 14))
+    assert windows["tokens"].shape == (1, 3, 6)
+
+
+def tiny_config(**overrides):
+    # Mocked tiny_shakespeare texts use the letters a-j and spaces.
+    values = {"data_dir": "/nonexistent/tfds", "seq_len": 8, "batch_size": 4,
+              "eval_batch_size": 2, "model_kwargs.vocab_size": 11,
+              "log_every_steps": 5, "checkpoint_every_steps": 5,
+              "sample.prompt": "abc"}
+    values.update(overrides)
+    return config_lib.load_config(CONFIG + ":smoke", values)
+
+
+def mocked(fn, *args, **kwargs):
+    with tfds.testing.mock_data(num_examples=30):
+        return fn(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("rnn"))
+    config = tiny_config()
+    return config, workdir, mocked(train.train_and_evaluate, config, workdir)
+
+
+def test_end_to_end_and_metrics(trained):
+    config, workdir, result = trained
+    assert result["step"] > 0
+    assert result["eval/bits_per_char"] == pytest.approx(
+        result["eval/loss"] / np.log(2), rel=1e-5)
+    assert any("train/loss" in r for r in writers.read_metrics(workdir))
+
+
+def test_sampling_is_deterministic_and_greedy_at_zero(trained):
+    config, workdir, _ = trained
+    config.sample.length = 30
+    first = mocked(sample.sample, config, workdir)
+    assert first.startswith(config.sample.prompt) and len(first) == 30 + len(
+        config.sample.prompt)
+    assert mocked(sample.sample, config, workdir) == first
+    config.sample.seed = 1
+    config.sample.temperature = 0.0
+    greedy = mocked(sample.sample, config, workdir)
+    config.sample.seed = 2
+    assert mocked(sample.sample, config, workdir) == greedy
+
+
+def test_sampling_errors_say_what_to_do(trained, tmp_path):
+    config, workdir, _ = trained
+    config.sample.prompt = "ROMEO: Zebra"
+    with pytest.raises(errors.UserError, match="not in the vocabulary.*Use only"):
+        mocked(sample.sample, config, workdir)
+    with pytest.raises(errors.UserError, match="train first"):
+        mocked(sample.sample, tiny_config(), str(tmp_path))
+    cifar = config_lib.load_config(os.path.join(conftest.CONFIGS, "cifar_cnn.py"))
+    with pytest.raises(errors.UserError, match="language-model config"):
+        sample.sample(cifar, workdir)
+
+
+def test_vocab_size_mismatch_is_reported(tmp_path):
+    with pytest.raises(errors.UserError, match="vocab_size=65 but the training text"):
+        mocked(train.train_and_evaluate,
+               tiny_config(**{"model_kwargs.vocab_size": 65}), str(tmp_path))
