@@ -238,7 +238,7 @@ def _train_loop(config, workdir, manager, writer, mesh, state, epoch_totals, dat
     last_saved = step
     stop_at = min(total_steps, stop_after_step or total_steps)
     with _SignalCatcher() as signals:
-        while step < stop_at:
+        while step < stop_at and signals.signum is None:
             epoch = step // steps_per_epoch
             if epoch != perm_epoch:
                 perm, perm_epoch = perm_fn(epoch), epoch
@@ -262,7 +262,8 @@ def _train_loop(config, workdir, manager, writer, mesh, state, epoch_totals, dat
             log_totals = log_totals.merge(window)
             window = empty()
 
-            if step % config.log_every_steps == 0 or step in (epoch_end, stop_at):
+            if step > log_step and (step % config.log_every_steps == 0
+                                    or step in (epoch_end, stop_at)):
                 now = time.perf_counter()
                 steps_per_sec = (step - log_step) / (now - log_start)
                 train_metrics = {f"train/{k}": float(v)
@@ -292,15 +293,16 @@ def _train_loop(config, workdir, manager, writer, mesh, state, epoch_totals, dat
                 epoch_totals = empty()
                 epoch_start = time.perf_counter()
 
-            if (step % config.checkpoint_every_steps == 0 or step == epoch_end
+            if step != last_saved and (
+                    step % config.checkpoint_every_steps == 0 or step == epoch_end
                     or step == stop_at or signals.signum is not None):
                 checkpointing.save(
                     manager, step, state.variables,
                     {"step": state.step, "opt_state": state.opt_state,
                      "epoch_metrics": epoch_totals}, config, dataset_info)
                 last_saved = step
-            if signals.signum is not None:
-                raise Interrupted(signals.signum, step)
+        if signals.signum is not None and step < stop_at:  # saved by now
+            raise Interrupted(signals.signum, step)
     return {**result, "step": step}
 
 

@@ -297,3 +297,21 @@ def test_inspect_notebook_runs_on_a_workdir(straight_run, monkeypatch):
     assert namespace["step"] == 12
     assert namespace["result"]["eval/accuracy"] == result["eval/accuracy"]
     assert len(namespace["epochs"]) == 2
+
+
+def test_signal_right_after_a_save_stops_without_saving_twice(tmp_path, monkeypatch):
+    """SIGTERM landing just after a boundary's save: stop there, no second save."""
+    real_save = train.checkpointing.save
+    calls = []
+
+    def save_then_signal(manager, step, *args):
+        real_save(manager, step, *args)
+        calls.append(step)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train.checkpointing, "save", save_then_signal)
+    with pytest.raises(train.Interrupted) as stopped:
+        mocked(train.train_and_evaluate, tiny_config(), str(tmp_path))
+    assert calls == [4] and stopped.value.step == 4
+    assert saved_steps(str(tmp_path)) == [4]
