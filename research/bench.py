@@ -12,7 +12,8 @@ the state donated); PyTorch runs eagerly in another interpreter
 (`research/bench_torch.py`; `--torch_python`, default $TORCH_PYTHON or
 .venv-torch/bin/python). Warm-up is excluded on both sides; each number is the
 median of `--repeats` timings of `--steps` steps. Model FLOPs come from XLA's
-cost analysis of the compiled step; the peak is a float32 matmul timed here.
+cost analysis of the compiled step, or are counted for RNNs (XLA counts a loop
+body once); the peak is a float32 matmul timed here.
 """
 import functools
 import json
@@ -32,9 +33,9 @@ from ml_collections import config_flags
 from research import input_pipeline
 from research import models
 from research import parallel
-from research import state as state_lib
 from research import steps
 from research import tasks
+from research import train
 
 config_flags.DEFINE_config_file("config", None, "Config to benchmark.",
                                 lock_config=False)
@@ -98,23 +99,14 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
     data = parallel.put_replicated(_synthetic_split(dataset, config, examples), mesh)
     perm = parallel.put_replicated(np.random.default_rng(1).permutation(
         examples).astype(np.int32), mesh)
-    state = jax.jit(functools.partial(
-        state_lib.create_train_state, config=config, model=model,
-        input_shape=(1,) + dataset.input_shape(config),
-        input_dtype=dataset.input_dtype, total_steps=10_000),
-        out_shardings=replicated)(jax.random.key(0))
+    state = train.create_state(config, model, dataset, mesh, jax.random.key(0),
+                               total_steps=10_000)
     key = jax.device_put(jax.random.key(1), replicated)
-    train_fn = jax.jit(functools.partial(
-        steps.train_steps, num_steps=1, task=task, batch_size=batch_size,
-        preprocess_fn=dataset.preprocess, grad_accum_steps=config.grad_accum_steps,
-        batch_sharding=sharded), out_shardings=replicated, donate_argnums=(0, 1, 2))
-
-    def fresh():
-        return (parallel.put_replicated(task.metrics_cls.empty(), mesh),
-                parallel.put_replicated(np.int32(-1), mesh))
+    train_fn = train.jit_train_chunk(config, dataset, task, mesh, 1, batch_size)
 
     start = time.perf_counter()
-    compiled = train_fn.lower(state, *fresh(), data, perm, key).compile()
+    compiled = train_fn.lower(state, *train.fresh_totals(task, mesh), data, perm,
+                              key).compile()
     compile_s = time.perf_counter() - start
     if config.model == "char_rnn":
         # XLA's cost analysis counts a while loop's body once, not per step.
@@ -125,8 +117,7 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
             analysis = analysis[0]
         flops, flops_source = analysis.get("flops", 0.0), "xla"
 
-    totals, bad = fresh()
-    holder = {"carry": (state, totals, bad)}
+    holder = {"carry": (state, *train.fresh_totals(task, mesh))}
 
     def train_call():  # as in the trainer: metrics stay on device between calls
         holder["carry"] = compiled(*holder["carry"], data, perm, key)
@@ -170,13 +161,15 @@ def bench_torch(config, batch_size: int) -> dict | None:
         logging.warning("No interpreter with torch at %s; skipping PyTorch (see "
                         "README, Benchmarks).", python)
         return None
+    if not (config.model == "lenet" or (config.model == "char_rnn"
+                                        and config.model_kwargs.cell == "lstm")):
+        logging.warning("No PyTorch twin of model %r; skipping it.", config.model)
+        return None
     job = {"model": "lenet" if config.model == "lenet" else "lstm",
            "batch_size": batch_size, "steps": FLAGS.steps, "repeats": FLAGS.repeats,
            "learning_rate": config.learning_rate, "momentum": config.momentum,
            "grad_clip_norm": config.grad_clip_norm}
     if job["model"] == "lstm":
-        if config.model_kwargs.cell != "lstm":
-            return None
         job.update({k: config.model_kwargs[k] for k in (
             "vocab_size", "embed_dim", "hidden_size", "num_layers", "dropout_rate")})
         job["seq_len"] = config.seq_len

@@ -111,11 +111,11 @@ class CharacterText:
         return {"text": encode(b"".join(texts).decode("utf-8"), self.vocab(config))}
 
     def train_examples(self, data: Split, config: ml_collections.ConfigDict) -> Split:
-        vocab_size = config.model_kwargs.vocab_size
-        if vocab_size != len(self.vocab(config)):
+        vocab_size, found = config.model_kwargs.vocab_size, len(self.vocab(config))
+        if vocab_size != found:
             raise errors.UserError(
                 f"config.model_kwargs.vocab_size={vocab_size} but the training text "
-                f"has {len(self.vocab(config))} distinct characters; set it to that.")
+                f"has {found} distinct characters; set it to that.")
         text, t = data["text"], config.seq_len
         n = (len(text) - 1) // t
         if n < 1:

@@ -84,6 +84,35 @@ class _SignalCatcher:
             signal.signal(sig, handler)
 
 
+def create_state(config: ml_collections.ConfigDict, model: Any, dataset: Any,
+                 mesh: jax.sharding.Mesh, rng: jax.Array, total_steps: int
+                 ) -> state_lib.TrainState:
+    """The initial train state, created replicated on every device of `mesh`."""
+    return jax.jit(functools.partial(
+        state_lib.create_train_state, config=config, model=model,
+        input_shape=(1,) + dataset.input_shape(config),
+        input_dtype=dataset.input_dtype, total_steps=total_steps),
+        out_shardings=parallel.replicated(mesh))(rng)
+
+
+def jit_train_chunk(config: ml_collections.ConfigDict, dataset: Any, task: Any,
+                    mesh: jax.sharding.Mesh, num_steps: int, batch_size: int):
+    """`steps.train_steps` jitted as the trainer runs it: state and metrics
+    donated, batches split over `mesh`, outputs replicated."""
+    return jax.jit(functools.partial(
+        steps.train_steps, num_steps=num_steps, task=task, batch_size=batch_size,
+        preprocess_fn=dataset.preprocess, grad_accum_steps=config.grad_accum_steps,
+        batch_sharding=parallel.batch_sharded(mesh)),
+        out_shardings=parallel.replicated(mesh), donate_argnums=(0, 1, 2))
+
+
+def fresh_totals(task: Any, mesh: jax.sharding.Mesh) -> tuple[Any, jax.Array]:
+    """Empty metrics and 'no bad step' (-1), replicated; new arrays every call
+    because the chunks donate them."""
+    return (parallel.put_replicated(task.metrics_cls.empty(), mesh),
+            parallel.put_replicated(np.int32(-1), mesh))
+
+
 def _next_boundary(step: int, every: int) -> int:
     return (step // every + 1) * every
 
@@ -130,11 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     init_key, dropout_key, data_key = jax.jit(
         lambda: jax.random.split(jax.random.key(config.seed), 3),
         out_shardings=parallel.replicated(mesh))()
-    state = jax.jit(functools.partial(
-        state_lib.create_train_state, config=config, model=model,
-        input_shape=(1,) + dataset.input_shape(config),
-        input_dtype=dataset.input_dtype, total_steps=total_steps),
-        out_shardings=parallel.replicated(mesh))(init_key)
+    state = create_state(config, model, dataset, mesh, init_key, total_steps)
     epoch_totals = parallel.put_replicated(task.metrics_cls.empty(), mesh)
     logging.info("Model %s: %d parameters; %d steps (%d epochs of %d) at batch %d "
                  "on %d devices (%d processes): %s", config.model,
@@ -197,22 +222,16 @@ def _train_loop(config, workdir, manager, writer, mesh, state, epoch_totals, dat
     start = time.perf_counter()
     perm, perm_epoch = perm_fn(0), 0
 
-    def empty():  # fresh arrays for every use: the chunks donate them
-        return parallel.put_replicated(task.metrics_cls.empty(), mesh)
-
-    def no_bad_step():
-        return parallel.put_replicated(np.int32(-1), mesh)
+    def empty():
+        return fresh_totals(task, mesh)[0]
 
     # One compiled function per chunk length: steps_per_call, and 1 for the
     # steps left before a boundary that is not a multiple of it.
     chunk_fns = {}
     for num_steps in {config.steps_per_call, 1}:
-        chunk_fns[num_steps] = jax.jit(functools.partial(
-            steps.train_steps, num_steps=num_steps, task=task,
-            batch_size=config.batch_size, preprocess_fn=dataset.preprocess,
-            grad_accum_steps=config.grad_accum_steps, batch_sharding=batch_sharding),
-            out_shardings=sharding, donate_argnums=(0, 1, 2)).lower(
-                state, empty(), no_bad_step(), train_dev, perm,
+        chunk_fns[num_steps] = jit_train_chunk(
+            config, dataset, task, mesh, num_steps, config.batch_size).lower(
+                state, *fresh_totals(task, mesh), train_dev, perm,
                 dropout_key).compile()
     eval_fn = eval_fn.lower(state.variables, eval_dev).compile()
     logging.info("Compiled the train and eval functions in %.2fs.",
@@ -232,7 +251,7 @@ def _train_loop(config, workdir, manager, writer, mesh, state, epoch_totals, dat
 
     # `window` (on device, merged inside the chunks) holds the steps since the
     # last boundary; it is folded into the log window and the epoch totals.
-    window, bad_step, log_totals = empty(), no_bad_step(), empty()
+    (window, bad_step), log_totals = fresh_totals(task, mesh), empty()
     log_start, log_step = time.perf_counter(), step
     epoch_start = time.perf_counter()
     last_saved = step
