@@ -33,6 +33,7 @@ from ml_collections import config_flags
 from research import input_pipeline
 from research import models
 from research import parallel
+from research import sharded_data
 from research import steps
 from research import tasks
 from research import train
@@ -96,9 +97,11 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
     parallel.check_divisible("batch_size", batch_size, mesh, config.grad_accum_steps)
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     examples = batch_size * 8
-    data = parallel.put_replicated(_synthetic_split(dataset, config, examples), mesh)
-    perm = parallel.put_replicated(np.random.default_rng(1).permutation(
-        examples).astype(np.int32), mesh)
+    synthetic = _synthetic_split(dataset, config, examples)
+    data, row_of = sharded_data.place_rows(
+        input_pipeline.Shard(synthetic, (examples,)), mesh)
+    perm = parallel.put_replicated(np.asarray(row_of)[np.random.default_rng(
+        1).permutation(examples)], mesh)
     state = train.create_state(config, model, dataset, mesh, jax.random.key(0),
                                total_steps=10_000)
     key = jax.device_put(jax.random.key(1), replicated)
@@ -126,7 +129,7 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
     jax.block_until_ready(train_call())
     step_s = _median_time(train_call, FLAGS.steps, FLAGS.repeats)
 
-    batch = jax.device_put(jax.tree.map(lambda a: a[:batch_size], data), sharded)
+    batch = jax.device_put(jax.tree.map(lambda a: a[:batch_size], synthetic), sharded)
     eval_fn = jax.jit(functools.partial(steps.eval_step, model.apply, task=task),
                       out_shardings=replicated)
     variables = holder["carry"][0].variables

@@ -11,6 +11,7 @@ from research import config_lib
 from research import input_pipeline
 from research import models
 from research import parallel
+from research import sharded_data
 from research import state as state_lib
 from research import steps
 from research import tasks
@@ -60,8 +61,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     mesh = parallel.create_mesh(config.num_devices)
     parallel.check_divisible("eval_batch_size", config.eval_batch_size, mesh)
     variables, step = restore_variables(config, workdir, step, mesh)
-    data = parallel.put_replicated(
-        dataset.eval_batches(dataset.load(config, config.eval_split), config), mesh)
+    data = sharded_data.place_eval(dataset.eval_rows(config), config.eval_batch_size,
+                                   mesh)
     totals = jax.jit(functools.partial(
         steps.evaluate_batches, model.apply, task=tasks.get_task(dataset.task),
         preprocess_fn=dataset.preprocess,

@@ -2,8 +2,10 @@
 
 Small datasets are read once, whole, and live on the device; shuffling and
 batching happen there (see `steps.train_steps`), so input never stalls a step.
-Each dataset spec says how its split becomes training examples (one row per
-example) and evaluation batches ([num_batches, batch, ...] with a `mask`).
+Each dataset spec says how its splits become rows: one per training example,
+and one per evaluation example or stream (`train_rows`, `eval_rows`). In a
+multi-process job each process reads and keeps only its share of the rows
+(`Shard`); `sharded_data` places the shares on the devices.
 """
 import dataclasses
 import os
@@ -13,6 +15,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -28,16 +31,35 @@ def resolve_data_dir(config: ml_collections.ConfigDict) -> str:
             or os.path.expanduser("~/tensorflow_datasets"))
 
 
-def pad_to_batches(data: Split, batch_size: int) -> Split:
-    """Pads a split to whole batches, [num_batches, batch, ...], with a `mask`."""
+def pad_to_batches(data: Split, batch_size: int, num_batches: int | None = None
+                   ) -> Split:
+    """Pads rows to whole batches, [num_batches, batch, ...], with a `mask`
+    that is False on the padding (a `mask` already in `data` is kept)."""
     n = len(next(iter(data.values())))
-    num_batches = -(-n // batch_size)
+    num_batches = num_batches or -(-n // batch_size)
+    data = {"mask": np.ones(n, bool), **data}
     pad = num_batches * batch_size - n
     out = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
            for k, v in data.items()}
-    out["mask"] = np.arange(num_batches * batch_size) < n
     return {k: v.reshape((num_batches, batch_size) + v.shape[1:])
             for k, v in out.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's rows of a split (in split order) and the row count of
+    every process, in process order; one process holds the whole split."""
+    rows: Split
+    counts: tuple[int, ...]
+
+
+def share_of(rows: Split) -> Shard:
+    """This process's even share of rows that every process has read."""
+    n, parts = len(next(iter(rows.values()))), jax.process_count()
+    bounds = [n * i // parts for i in range(parts + 1)]
+    p = jax.process_index()
+    return Shard({k: v[bounds[p]:bounds[p + 1]] for k, v in rows.items()},
+                 tuple(np.diff(bounds).tolist()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +82,28 @@ class ImageClassification:
         return {"image": np.concatenate(parts["image"]).astype(np.uint8),
                 "label": np.concatenate(parts["label"]).astype(np.int32)}
 
-    def train_examples(self, data: Split, config: ml_collections.ConfigDict) -> Split:
-        del config
-        return data
+    def train_rows(self, config: ml_collections.ConfigDict) -> Shard:
+        """One row per training example; each process reads only its share."""
+        return self._read_share(config, config.train_split)
 
-    def eval_batches(self, data: Split, config: ml_collections.ConfigDict) -> Split:
-        return pad_to_batches(data, config.eval_batch_size)
+    def eval_rows(self, config: ml_collections.ConfigDict) -> Shard:
+        return self._read_share(config, config.eval_split)
+
+    def _read_share(self, config: ml_collections.ConfigDict, split: str) -> Shard:
+        if jax.process_count() == 1:
+            rows = self.load(config, split)
+            return Shard(rows, (len(rows["label"]),))
+        # pylint: disable-next=g-import-not-at-top
+        import tensorflow_datasets as tfds
+        share = tfds.even_splits(split, n=jax.process_count(),
+                                 drop_remainder=False)[jax.process_index()]
+        rows = self.load(config, share)
+        counts = multihost_utils.process_allgather(np.int64(len(rows["label"])))
+        counts = tuple(int(c) for c in np.ravel(counts))
+        logging.info("process %d of %d read %d of the %d examples of %s",
+                     jax.process_index(), jax.process_count(), len(rows["label"]),
+                     sum(counts), split)
+        return Shard(rows, counts)
 
     def throughput_unit(self, config: ml_collections.ConfigDict) -> tuple[str, int]:
         """What speed is counted in, and how many of it an example holds."""
@@ -110,30 +148,40 @@ class CharacterText:
         texts = np.concatenate(_read_tfds(self, config, split, ("text",))["text"])
         return {"text": encode(b"".join(texts).decode("utf-8"), self.vocab(config))}
 
-    def train_examples(self, data: Split, config: ml_collections.ConfigDict) -> Split:
+    def train_rows(self, config: ml_collections.ConfigDict) -> Shard:
+        """Windows of `seq_len + 1` characters, one row each. The text is a
+        single TFDS record, so every process reads it and keeps its share."""
+        text = self.load(config, config.train_split)["text"]
         vocab_size, found = config.model_kwargs.vocab_size, len(self.vocab(config))
         if vocab_size != found:
             raise errors.UserError(
                 f"config.model_kwargs.vocab_size={vocab_size} but the training text "
                 f"has {found} distinct characters; set it to that.")
-        text, t = data["text"], config.seq_len
+        t = config.seq_len
         n = (len(text) - 1) // t
         if n < 1:
             raise errors.UserError(
                 f"The training text has {len(text)} characters, fewer than "
                 f"config.seq_len + 1 = {t + 1}; lower config.seq_len.")
         idx = np.arange(n)[:, None] * t + np.arange(t + 1)[None, :]
-        return {"tokens": text[idx]}
+        return share_of({"tokens": text[idx]})
 
-    def eval_batches(self, data: Split, config: ml_collections.ConfigDict) -> Split:
-        text, streams = data["text"], config.eval_batch_size
-        length = -(-(len(text) - 1) // streams)  # targets per stream
-        starts = np.arange(streams)[:, None] * length
+    def eval_rows(self, config: ml_collections.ConfigDict) -> Shard:
+        """`eval_batch_size` contiguous streams, one row each, with a mask
+        that is False past the end of the text."""
+        return share_of(self.streams(self.load(config, config.eval_split)["text"],
+                                     config.eval_batch_size))
+
+    @staticmethod
+    def streams(text: np.ndarray, num_streams: int) -> Split:
+        """The text cut into `num_streams` contiguous pieces; every character
+        after the first is a target in exactly one of them."""
+        length = -(-(len(text) - 1) // num_streams)  # targets per stream
+        starts = np.arange(num_streams)[:, None] * length
         positions = starts + np.arange(length + 1)[None, :]
         tokens = np.where(positions < len(text),
                           text[np.minimum(positions, len(text) - 1)], 0)
-        mask = positions[:, 1:] < len(text)
-        return {"tokens": tokens[None].astype(np.int32), "mask": mask[None]}
+        return {"tokens": tokens.astype(np.int32), "mask": positions[:, 1:] < len(text)}
 
     def throughput_unit(self, config: ml_collections.ConfigDict) -> tuple[str, int]:
         return "chars", config.seq_len

@@ -73,12 +73,14 @@ def eval_step(apply_fn: Callable[..., jax.Array], variables: PyTree, batch: Batc
 def train_steps(state: state_lib.TrainState, totals: clu_metrics.Collection,
                 bad_step: jax.Array, data: Batch, perm: jax.Array, rng: jax.Array,
                 *, num_steps: int, task: Any, batch_size: int,
-                preprocess_fn: Callable[[Batch], Batch], grad_accum_steps: int = 1,
+                preprocess_fn: Callable[[Batch], Batch],
+                gather_fn: Callable[[Batch, jax.Array], Batch] | None = None,
+                grad_accum_steps: int = 1,
                 batch_sharding: jax.sharding.Sharding | None = None
                 ) -> tuple[state_lib.TrainState, clu_metrics.Collection, jax.Array]:
     """Runs `num_steps` train steps in one call, reading batches on device.
 
-    Step `s` uses examples `perm[k * batch_size:(k + 1) * batch_size]`, with
+    Step `s` uses rows `perm[k * batch_size:(k + 1) * batch_size]`, with
     `k = s % (len(perm) // batch_size)`: the data order depends on the step
     alone, so a run resumed from any step repeats an uninterrupted one exactly.
     The steps are unrolled, not a `lax.fori_loop`: XLA:CPU runs LeNet's
@@ -88,16 +90,17 @@ def train_steps(state: state_lib.TrainState, totals: clu_metrics.Collection,
       state: the train state; donated by the caller.
       totals: metrics merged so far; this call's steps are merged in.
       bad_step: the first step whose loss was not finite so far, or -1.
-      data: the whole split on device, each array [examples, ...].
-      perm: this epoch's example order, [examples] int32.
+      data: the split's rows on device, each array [rows, ...].
+      perm: this epoch's order of rows, [examples] int32.
       rng: the run's dropout key; each step folds in its step number.
       num_steps: how many steps to run (static).
       task: supplies the model input, losses and metrics.
       batch_size: examples per step.
       preprocess_fn: maps a raw batch (e.g. uint8 images) to model inputs.
+      gather_fn: `(data, idx) -> data[idx]`, for rows split over devices
+        (`sharded_data.gather_rows`); default a plain gather.
       grad_accum_steps: micro-batches per step (see `train_step`).
-      batch_sharding: how a batch is split over devices; `data` and `perm`
-        are replicated, so each device gathers only its own rows.
+      batch_sharding: how a batch is split over devices.
 
     Returns:
       The new state, the merged metrics and the updated `bad_step`.
@@ -106,8 +109,12 @@ def train_steps(state: state_lib.TrainState, totals: clu_metrics.Collection,
     for _ in range(num_steps):
         offset = (state.step % steps_per_epoch) * batch_size
         idx = lax.dynamic_slice_in_dim(perm, offset, batch_size)
-        idx = _constrain(idx, batch_sharding)
-        batch = preprocess_fn(jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data))
+        if gather_fn is None:  # replicated data: each device takes its rows
+            idx = _constrain(idx, batch_sharding)
+            batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+        else:
+            batch = gather_fn(data, idx)
+        batch = preprocess_fn(batch)
         step = state.step
         state, metrics = train_step(state, _constrain(batch, batch_sharding), rng,
                                     task=task, grad_accum_steps=grad_accum_steps,

@@ -12,7 +12,6 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -22,6 +21,7 @@ from research import errors
 from research import input_pipeline
 from research import models
 from research import parallel
+from research import sharded_data
 from research import state as state_lib
 from research import steps
 from research import tasks
@@ -101,7 +101,9 @@ def jit_train_chunk(config: ml_collections.ConfigDict, dataset: Any, task: Any,
     donated, batches split over `mesh`, outputs replicated."""
     return jax.jit(functools.partial(
         steps.train_steps, num_steps=num_steps, task=task, batch_size=batch_size,
-        preprocess_fn=dataset.preprocess, grad_accum_steps=config.grad_accum_steps,
+        preprocess_fn=dataset.preprocess,
+        gather_fn=functools.partial(sharded_data.gather_rows, mesh=mesh),
+        grad_accum_steps=config.grad_accum_steps,
         batch_sharding=parallel.batch_sharded(mesh)),
         out_shardings=parallel.replicated(mesh), donate_argnums=(0, 1, 2))
 
@@ -144,11 +146,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     parallel.check_divisible("batch_size", config.batch_size, mesh,
                              config.grad_accum_steps)
     parallel.check_divisible("eval_batch_size", config.eval_batch_size, mesh)
-    # Every process reads the whole (small) splits; see README, "Scaling out".
-    train_data = dataset.train_examples(
-        dataset.load(config, config.train_split), config)
-    eval_data = dataset.eval_batches(dataset.load(config, config.eval_split), config)
-    num_train = len(next(iter(train_data.values())))
+    # Each process reads its share of the splits; see README, "Scaling out".
+    train_rows, eval_rows = dataset.train_rows(config), dataset.eval_rows(config)
+    num_train = sum(train_rows.counts)
     if config.batch_size > num_train:
         raise errors.UserError(
             f"config.batch_size={config.batch_size} is larger than the "
@@ -171,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer = writers.create_writer(workdir)
     try:
         return _train_loop(config, workdir, manager, writer, mesh, state,
-                           epoch_totals, dataset, task, train_data, eval_data,
+                           epoch_totals, dataset, task, train_rows, eval_rows,
                            dropout_key, data_key, steps_per_epoch, total_steps,
                            stop_after_step)
     finally:
@@ -181,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _train_loop(config, workdir, manager, writer, mesh, state, epoch_totals, dataset,
-                task, train_data, eval_data, dropout_key, data_key, steps_per_epoch,
+                task, train_rows, eval_rows, dropout_key, data_key, steps_per_epoch,
                 total_steps, stop_after_step) -> dict[str, Any]:
     sharding = parallel.replicated(mesh)
     model_tree = state.variables
@@ -206,13 +206,12 @@ def _train_loop(config, workdir, manager, writer, mesh, state, epoch_totals, dat
     if restored is None:
         writer.write_hparams(dict(_flatten(config.to_dict())))
 
-    # Every device holds the (small) splits; each gathers its rows of a batch.
-    train_dev = parallel.put_replicated(train_data, mesh)
-    eval_dev = parallel.put_replicated(eval_data, mesh)
+    # Each device holds its process's rows; batches are gathered on device.
+    train_dev, row_of = sharded_data.place_rows(train_rows, mesh)
+    eval_dev = sharded_data.place_eval(eval_rows, config.eval_batch_size, mesh)
     batch_sharding = parallel.batch_sharded(mesh)
-    num_train = len(next(iter(train_data.values())))
-    perm_fn = jax.jit(lambda epoch: jax.random.permutation(
-        jax.random.fold_in(data_key, epoch), num_train).astype(jnp.int32),
+    perm_fn = jax.jit(lambda epoch: row_of[jax.random.permutation(
+        jax.random.fold_in(data_key, epoch), row_of.shape[0])],
         out_shardings=sharding)
     eval_fn = jax.jit(functools.partial(
         steps.evaluate_batches, state.apply_fn, task=task,

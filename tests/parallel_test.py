@@ -63,6 +63,18 @@ def _worker(workdir: str) -> dict:
                       "bitwise": _max_diff(params[1], params[8]) == 0.0,
                       "losses_1": losses[1], "losses_8": losses[8],
                       "has_batch_stats": "batch_stats" in params[8]}
+    # Text rows (windows) and evaluation streams split over 2 devices.
+    from tests import rnn_test  # pylint: disable=g-import-not-at-top
+    rnn = {}
+    for devices in (1, 2):
+        config = rnn_test.tiny_config(num_devices=devices)
+        run_dir = os.path.join(workdir, f"rnn_{devices}")
+        result = rnn_test.mocked(train.train_and_evaluate, config, run_dir)
+        variables, _ = evaluate.restore_variables(config, run_dir,
+                                                  mesh=parallel.create_mesh(1))
+        rnn[devices] = (variables, result["eval/loss"])
+    out["char_rnn"] = {"max_param_diff": _max_diff(rnn[1][0], rnn[2][0]),
+                       "eval_loss": [rnn[1][1], rnn[2][1]]}
     config = train_test.tiny_config(batch_size=12)
     try:
         with tfds.testing.mock_data(num_examples=train_test.NUM_EXAMPLES):
@@ -90,6 +102,12 @@ def test_eight_devices_match_one_device(eight_devices, model):
     np.testing.assert_allclose(result["losses_8"], result["losses_1"], rtol=1e-5)
     assert len(result["losses_1"]) == 4
     assert result["has_batch_stats"] == (model == "convnet")
+
+
+def test_text_rows_and_eval_streams_split_over_devices(eight_devices):
+    result = eight_devices["char_rnn"]
+    assert result["max_param_diff"] < TOLERANCE, result
+    np.testing.assert_allclose(*result["eval_loss"], rtol=1e-5)
 
 
 def test_indivisible_batch_names_both_numbers(eight_devices):
@@ -120,17 +138,16 @@ def test_gradient_accumulation_equals_the_large_batch():
 
 _CHILD = """
 import sys
-import tensorflow_datasets as tfds
 from absl import app
 from research import main
-with tfds.testing.mock_data(num_examples={n}):
-    app.run(main.main, argv=sys.argv, flags_parser=main.parse_flags)
+from tests import tiny_tfds
+tiny_tfds.register()
+app.run(main.main, argv=sys.argv, flags_parser=main.parse_flags)
 """
 
 
 def _spawn(args, devices, log_path):
-    from tests import train_test  # pylint: disable=g-import-not-at-top
-    code = _CHILD.format(n=train_test.NUM_EXAMPLES)
+    code = _CHILD
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "-c", code, *args], env=_env(devices),
                                 cwd=conftest.REPO, stdout=subprocess.DEVNULL,
@@ -138,14 +155,23 @@ def _spawn(args, devices, log_path):
 
 
 def test_two_processes_train_save_and_restore_on_one_device(tmp_path):
-    """2 processes x 2 CPU devices over gloo on 127.0.0.1 = the 1-device run."""
-    from research import evaluate, train  # pylint: disable=g-import-not-at-top
-    from tests import train_test  # pylint: disable=g-import-not-at-top
+    """2 processes x 2 CPU devices over gloo on 127.0.0.1 = the 1-device run.
+
+    A real (tiny) TFDS dataset on disk, because mock_data returns the same
+    examples for every sub-split: each process must read only its half.
+    """
+    # pylint: disable-next=g-import-not-at-top
+    from research import evaluate, train, writers
+    from tests import tiny_tfds, train_test  # pylint: disable=g-import-not-at-top
+    data_dir = str(tmp_path / "tfds")
+    tiny_tfds.prepare(data_dir)
+    tiny_tfds.register()
+    data = {"dataset": tiny_tfds.NAME, "data_dir": data_dir}
     workdir = str(tmp_path / "two")
     port = _free_port()
     common = [f"--config={train_test.SMOKE}", f"--workdir={workdir}",
               "--config.train_split=train", "--config.eval_split=test",
-              "--config.data_dir=/nonexistent/tfds",
+              f"--config.dataset={tiny_tfds.NAME}", f"--config.data_dir={data_dir}",
               "--config.checkpoint_every_steps=4",
               "--config.log_every_steps=4", f"--coordinator_address=127.0.0.1:{port}",
               "--num_processes=2", "--distributed_timeout_s=60"]
@@ -156,14 +182,24 @@ def test_two_processes_train_save_and_restore_on_one_device(tmp_path):
     assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     assert "Process 1 of 2; 2 local and 4 global devices" in logs[1]
     assert "on 4 devices (2 processes)" in logs[0]
+    for i in range(2):  # each process read half of each split
+        assert f"process {i} of 2 read 24 of the 48 examples of train" in logs[i]
+        assert f"process {i} of 2 read 24 of the 48 examples of test" in logs[i]
 
-    config = train_test.tiny_config(checkpoint_every_steps=4, log_every_steps=4)
+    config = train_test.tiny_config(checkpoint_every_steps=4, log_every_steps=4,
+                                    **data)
     single = str(tmp_path / "single")
-    train_test.mocked(train.train_and_evaluate, config, single)
+    one_result = train.train_and_evaluate(config, single)
     two, step = evaluate.restore_variables(config, workdir)
     assert step == 12
     one, _ = evaluate.restore_variables(config, single)
     assert _max_diff(two, one) < TOLERANCE
+    # The 2-process run's final evaluation (each device scoring the rows it
+    # holds) agrees with the single process's.
+    two_metrics = [r for r in writers.read_metrics(workdir) if "eval/loss" in r]
+    np.testing.assert_allclose(two_metrics[-1]["eval/loss"], one_result["eval/loss"],
+                               rtol=1e-5)
+    assert two_metrics[-1]["eval/accuracy"] == one_result["eval/accuracy"]
 
 
 def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):

@@ -169,11 +169,11 @@ def test_windows_and_streams_cover_the_text():
     dataset = input_pipeline.get_dataset("tiny_shakespeare")
     config = config_lib.load_config(CONFIG, {"seq_len": 4, "eval_batch_size": 3})
     text = np.arange(14, dtype=np.int32)
-    windows = dataset.eval_batches({"text": text}, config)
+    windows = dataset.streams(text, config.eval_batch_size)
     # 13 targets over 3 streams of 5; every target exactly once.
-    targets = windows["tokens"][0][:, 1:][windows["mask"][0]]
+    targets = windows["tokens"][:, 1:][windows["mask"]]
     assert sorted(targets.tolist()) == list(range(1, 14))
-    assert windows["tokens"].shape == (1, 3, 6)
+    assert windows["tokens"].shape == (3, 6)
 
 
 def tiny_config(**overrides):
