@@ -23,7 +23,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.eval_split = "test"        # evaluated whole after every epoch
     # Model.
     config.model = "lenet"            # key of models.MODELS
-    config.model_kwargs = ml_collections.ConfigDict({"num_classes": 10})
+    # conv_impl: "auto" runs the convolutions in the C++ CPU kernel where it is
+    # built and JAX is on the CPU, else in XLA; "xla" or "kernel" to force.
+    config.model_kwargs = ml_collections.ConfigDict({"num_classes": 10,
+                                                     "conv_impl": "auto"})
     # Optimisation.
     config.optimizer = "sgd"          # key of state.OPTIMIZERS
     config.learning_rate = 0.001
@@ -39,7 +42,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.num_devices = 0            # devices on the mesh's data axis; 0: all
     # Loop and bookkeeping.
     config.eval_batch_size = 1000     # the last eval batch is padded and masked
-    config.steps_per_call = 1         # steps unrolled per jitted call (1-64), README
+    config.steps_per_call = 4         # steps unrolled per jitted call (1-64), README
     config.log_every_steps = 2500     # progress line and train metrics
     config.checkpoint_every_steps = 2500  # also saved at every epoch end and at the end
     config.keep_checkpoints = 3       # most recent checkpoints kept

@@ -65,6 +65,13 @@ def matmul_peak_flops(n: int = 2048) -> float:
     return 2 * n ** 3 / best
 
 
+def _xla_flops(compiled) -> float:
+    analysis = compiled.cost_analysis() or {}
+    if isinstance(analysis, list):  # older jax: one dict per device
+        analysis = analysis[0]
+    return analysis.get("flops", 0.0)
+
+
 def _median_time(fn, steps: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -108,17 +115,28 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
     train_fn = train.jit_train_chunk(config, dataset, task, mesh, 1, batch_size)
 
     start = time.perf_counter()
-    compiled = train_fn.lower(state, *train.fresh_totals(task, mesh), data, perm,
-                              key).compile()
+    with jax.set_mesh(mesh):
+        compiled = train_fn.lower(state, *train.fresh_totals(task, mesh), data, perm,
+                                  key).compile()
     compile_s = time.perf_counter() - start
     if config.model == "char_rnn":
         # XLA's cost analysis counts a while loop's body once, not per step.
         flops, flops_source = char_rnn_train_flops(config, batch_size), "counted"
+    elif config.model_kwargs.get("conv_impl", "xla") != "xla":
+        # XLA does not count custom kernels: count the same model in XLA.
+        reference = config.copy_and_resolve_references()
+        reference.model_kwargs.conv_impl = "xla"
+        reference_fn = train.jit_train_chunk(reference, dataset, task, mesh, 1,
+                                             batch_size)
+        reference_state = train.create_state(
+            reference, models.create_model(reference.model,
+                                           **reference.model_kwargs),
+            dataset, mesh, jax.random.key(0), total_steps=10_000)
+        flops, flops_source = _xla_flops(reference_fn.lower(
+            reference_state, *train.fresh_totals(task, mesh), data, perm,
+            key).compile()), "xla (conv_impl=xla)"
     else:
-        analysis = compiled.cost_analysis() or {}
-        if isinstance(analysis, list):  # older jax: one dict per device
-            analysis = analysis[0]
-        flops, flops_source = analysis.get("flops", 0.0), "xla"
+        flops, flops_source = _xla_flops(compiled), "xla"
 
     holder = {"carry": (state, *train.fresh_totals(task, mesh))}
 
@@ -130,10 +148,11 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
     step_s = _median_time(train_call, FLAGS.steps, FLAGS.repeats)
 
     batch = jax.device_put(jax.tree.map(lambda a: a[:batch_size], synthetic), sharded)
-    eval_fn = jax.jit(functools.partial(steps.eval_step, model.apply, task=task),
-                      out_shardings=replicated)
     variables = holder["carry"][0].variables
     prepared = dataset.preprocess(batch)
+    with jax.set_mesh(mesh):
+        eval_fn = jax.jit(functools.partial(steps.eval_step, model.apply, task=task),
+                          out_shardings=replicated).lower(variables, prepared).compile()
     jax.block_until_ready(eval_fn(variables, prepared))
     eval_s = _median_time(lambda: eval_fn(variables, prepared), FLAGS.steps,
                           FLAGS.repeats)

@@ -92,6 +92,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 <= config.momentum < 1:
         raise errors.UserError(
             f"config.momentum must be in [0, 1), got {config.momentum}.")
+    if "conv_impl" in config.model_kwargs:
+        from research.models import batch_minor_conv  # noqa: E402
+        try:
+            batch_minor_conv.resolve(config.model_kwargs.conv_impl)
+        except (ValueError, RuntimeError) as e:
+            raise errors.UserError(f"config.model_kwargs.{e}") from None
 
 
 def _check_choice(field: str, name: str, registry: dict[str, Any]) -> None:

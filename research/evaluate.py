@@ -63,11 +63,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     variables, step = restore_variables(config, workdir, step, mesh)
     data = sharded_data.place_eval(dataset.eval_rows(config), config.eval_batch_size,
                                    mesh)
-    totals = jax.jit(functools.partial(
-        steps.evaluate_batches, model.apply, task=tasks.get_task(dataset.task),
-        preprocess_fn=dataset.preprocess,
-        batch_sharding=parallel.batch_sharded(mesh)),
-        out_shardings=parallel.replicated(mesh))(variables, data)
+    with jax.set_mesh(mesh):
+        totals = jax.jit(functools.partial(
+            steps.evaluate_batches, model.apply, task=tasks.get_task(dataset.task),
+            preprocess_fn=dataset.preprocess,
+            batch_sharding=parallel.batch_sharded(mesh)),
+            out_shardings=parallel.replicated(mesh))(variables, data)
     result = {f"eval/{k}": float(v) for k, v in totals.compute().items()}
     logging.info("checkpoint step %d, %s[%s]: %s", step, config.dataset,
                  config.eval_split, train.describe(result, config.eval_split))

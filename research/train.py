@@ -26,6 +26,7 @@ from research import state as state_lib
 from research import steps
 from research import tasks
 from research import writers
+from research.models import batch_minor_conv
 
 
 class Interrupted(Exception):
@@ -167,6 +168,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  steps_per_epoch, config.batch_size, mesh.size, jax.process_count(),
                  mesh.devices.tolist())
 
+    if "conv_impl" in config.model_kwargs:
+        logging.info("Convolutions: %s (conv_impl=%r).", batch_minor_conv.resolve(
+            config.model_kwargs.conv_impl), config.model_kwargs.conv_impl)
     manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
     writer = writers.create_writer(workdir)
     try:
@@ -227,12 +231,13 @@ def _train_loop(config, workdir, manager, writer, mesh, state, epoch_totals, dat
     # One compiled function per chunk length: steps_per_call, and 1 for the
     # steps left before a boundary that is not a multiple of it.
     chunk_fns = {}
-    for num_steps in {config.steps_per_call, 1}:
-        chunk_fns[num_steps] = jit_train_chunk(
-            config, dataset, task, mesh, num_steps, config.batch_size).lower(
-                state, *fresh_totals(task, mesh), train_dev, perm,
-                dropout_key).compile()
-    eval_fn = eval_fn.lower(state.variables, eval_dev).compile()
+    with jax.set_mesh(mesh):  # models may shard custom kernels over it
+        for num_steps in {config.steps_per_call, 1}:
+            chunk_fns[num_steps] = jit_train_chunk(
+                config, dataset, task, mesh, num_steps, config.batch_size).lower(
+                    state, *fresh_totals(task, mesh), train_dev, perm,
+                    dropout_key).compile()
+        eval_fn = eval_fn.lower(state.variables, eval_dev).compile()
     logging.info("Compiled the train and eval functions in %.2fs.",
                  time.perf_counter() - start)
 

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from research.models import batch_minor_conv
+
 
 def _torch_uniform(fan_in: int) -> nn.initializers.Initializer:
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default Conv2d/Linear init.
@@ -25,19 +27,28 @@ class LeNet(nn.Module):
 
     conv 6@5x5 -> relu -> pool 2 -> conv 16@5x5 -> relu -> pool 2 ->
     dense 120 -> relu -> dense 84 -> relu -> dense num_classes.
+
+    `conv_impl`: "xla" runs flax's NHWC convolutions; "kernel" runs the
+    convolutions batch-minor in the C++ CPU kernel (`batch_minor_conv`);
+    "auto" takes the kernel where it is built and JAX runs on the CPU. The
+    parameters are the same in every case, so checkpoints are interchangeable.
     """
     num_classes: int = 10
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Maps images [batch, 32, 32, 3] in [0, 1] to logits [batch, classes]."""
         del train  # No dropout or batch norm in the seed's model.
-        for features in (6, 16):
-            fan_in = 5 * 5 * x.shape[-1]
-            x = nn.Conv(features, (5, 5), padding="VALID",
-                        kernel_init=_torch_uniform(fan_in),
-                        bias_init=_torch_uniform(fan_in))(x)
-            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        if batch_minor_conv.resolve(self.conv_impl) == "kernel":
+            x = self._batch_minor_features(x)
+        else:
+            for features in (6, 16):
+                fan_in = 5 * 5 * x.shape[-1]
+                x = nn.Conv(features, (5, 5), padding="VALID",
+                            kernel_init=_torch_uniform(fan_in),
+                            bias_init=_torch_uniform(fan_in))(x)
+                x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         for i, features in enumerate((120, 84, self.num_classes)):
             if i:
@@ -46,6 +57,33 @@ class LeNet(nn.Module):
             x = nn.Dense(features, kernel_init=_torch_uniform(fan_in),
                          bias_init=_torch_uniform(fan_in))(x)
         return x
+
+    def _batch_minor_features(self, x: jax.Array) -> jax.Array:
+        """The two conv blocks, batch-minor; returns NHWC features."""
+        n = x.shape[0]
+        lanes = batch_minor_conv.lanes_for(n // batch_minor_conv.data_parallel_size())
+        x = batch_minor_conv.to_blocks(x, lanes)
+        for i, features in enumerate((6, 16)):
+            # Named as nn.Conv names itself: the same parameter tree.
+            x = _BatchMinorConv(features, 5, self.conv_impl, name=f"Conv_{i}")(x)
+        return batch_minor_conv.from_blocks(x, n)
+
+
+class _BatchMinorConv(nn.Module):
+    """nn.Conv's parameters (kernel HWIO, bias) on [N/L, C, H, W, L], then
+    ReLU and 2x2 max pooling."""
+    features: int
+    kernel_size: int
+    impl: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, channels = self.kernel_size, x.shape[1]
+        init = _torch_uniform(k * k * channels)
+        kernel = self.param("kernel", init, (k, k, channels, self.features))
+        bias = self.param("bias", init, (self.features,))
+        return batch_minor_conv.bias_relu_pool(
+            batch_minor_conv.conv(x, kernel, self.impl), bias, self.impl)
 
 
 class ConvNet(nn.Module):
