@@ -34,6 +34,8 @@ namespace {
 template <int L>
 struct Vec {
   typedef float type __attribute__((vector_size(4 * L)));
+  typedef int32_t mask __attribute__((vector_size(4 * L)));  // compare results
+  typedef int8_t bytes __attribute__((vector_size(L)));
 };
 
 template <int L>
@@ -264,11 +266,15 @@ void Dw(const Conv& s, const float* x, const float* dy, float* dw, int64_t u0,
 
 // pooled[nb, o, p, q] = max(0, max_{d, e < 2} y[nb, o, 2p + d, 2q + e] + bias[o])
 // and which of the four won (0-3, first on ties), or 4 where the ReLU is 0.
-// NaN propagates (the trainer's non-finite check relies on it).
+// NaN propagates (the trainer's non-finite check relies on it). Written on
+// whole vectors of L images so that it compiles to vector selects.
 template <int L>
 void BiasReluPool(int64_t O, int64_t H, int64_t W, const float* y,
                   const float* bias, float* pooled, int8_t* arg, int64_t r0,
                   int64_t r1) {
+  using V = typename Vec<L>::type;
+  using VI = typename Vec<L>::mask;
+  using VB = typename Vec<L>::bytes;
   const int64_t Hp = H / 2, Wp = W / 2;
   for (int64_t r = r0; r < r1; ++r) {  // r = nb * O + o
     const float b = bias[r % O];
@@ -279,18 +285,20 @@ void BiasReluPool(int64_t O, int64_t H, int64_t W, const float* y,
       for (int64_t q = 0; q < Wp; ++q) {
         const float* y0 = yr + ((2 * p) * W + 2 * q) * L;
         const float* y1 = y0 + W * L;
-        float* out = pr + (p * Wp + q) * L;
-        int8_t* a = ar + (p * Wp + q) * L;
-        for (int l = 0; l < L; ++l) {
-          const float v[4] = {y0[l] + b, y0[L + l] + b, y1[l] + b, y1[L + l] + b};
-          int best = 0;  // a NaN wins and propagates, as in XLA's max
-          for (int k = 1; k < 4; ++k) {
-            if (v[best] == v[best] && (v[k] > v[best] || v[k] != v[k])) best = k;
-          }
-          const bool live = !(v[best] <= 0.f);
-          out[l] = live ? v[best] : 0.f;
-          a[l] = static_cast<int8_t>(live ? best : 4);
+        V m = Load<L>(y0) + b;
+        VI best = VI{};
+        const V candidates[3] = {Load<L>(y0 + L) + b, Load<L>(y1) + b,
+                                 Load<L>(y1 + L) + b};
+        for (int k = 0; k < 3; ++k) {
+          const V c = candidates[k];
+          const VI take = ((c > m) | (c != c)) & (m == m);
+          m = take ? c : m;
+          best = take ? VI{} + (k + 1) : best;
         }
+        const VI live = (m > 0.f) | (m != m);
+        Store<L>(pr + (p * Wp + q) * L, live ? m : V{});
+        const VB winners = __builtin_convertvector(live ? best : VI{} + 4, VB);
+        std::memcpy(ar + (p * Wp + q) * L, &winners, L);
       }
     }
   }
@@ -302,30 +310,34 @@ template <int L>
 void BiasReluPoolGrad(int64_t H, int64_t W, const float* dpooled,
                       const int8_t* arg, float* dy, float* dbias_rows, int64_t r0,
                       int64_t r1) {
+  using V = typename Vec<L>::type;
+  using VI = typename Vec<L>::mask;
+  using VB = typename Vec<L>::bytes;
   const int64_t Hp = H / 2, Wp = W / 2;
   for (int64_t r = r0; r < r1; ++r) {
     float* dr = dy + r * H * W * L;
-    std::memset(dr, 0, sizeof(float) * H * W * L);
-    const float* gr = dpooled + r * Hp * Wp * L;
-    const int8_t* ar = arg + r * Hp * Wp * L;
-    float sum[L] = {};
-    for (int64_t p = 0; p < Hp; ++p) {
-      for (int64_t q = 0; q < Wp; ++q) {
-        const float* g = gr + (p * Wp + q) * L;
-        const int8_t* a = ar + (p * Wp + q) * L;
-        float* d0 = dr + ((2 * p) * W + 2 * q) * L;
-        float* const d[4] = {d0, d0 + L, d0 + W * L, d0 + W * L + L};
-        for (int l = 0; l < L; ++l) {
-          if (a[l] < 4) {
-            d[a[l]][l] = g[l];
-            sum[l] += g[l];
-          }
-        }
+    if (H % 2) std::memset(dr + (H - 1) * W * L, 0, sizeof(float) * W * L);
+    if (W % 2) {
+      for (int64_t i = 0; i < H; ++i) {
+        std::memset(dr + (i * W + W - 1) * L, 0, sizeof(float) * L);
       }
     }
-    float total = 0.f;
-    for (int l = 0; l < L; ++l) total += sum[l];
-    dbias_rows[r] = total;
+    const float* gr = dpooled + r * Hp * Wp * L;
+    const int8_t* ar = arg + r * Hp * Wp * L;
+    V sum = V{};
+    for (int64_t p = 0; p < Hp; ++p) {
+      for (int64_t q = 0; q < Wp; ++q) {
+        const V g = Load<L>(gr + (p * Wp + q) * L);
+        VB winners;
+        std::memcpy(&winners, ar + (p * Wp + q) * L, L);
+        const VI a = __builtin_convertvector(winners, VI);
+        float* d0 = dr + ((2 * p) * W + 2 * q) * L;
+        float* const d[4] = {d0, d0 + L, d0 + W * L, d0 + W * L + L};
+        for (int k = 0; k < 4; ++k) Store<L>(d[k], a == k ? g : V{});
+        sum += a < 4 ? g : V{};
+      }
+    }
+    dbias_rows[r] = Sum<L>(sum);
   }
 }
 
