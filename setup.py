@@ -1,4 +1,4 @@
-"""Builds the optional C++ CPU kernels (research/kernels/conv_kernels.cc).
+"""Builds the optional C++ CPU kernels (research/kernels/*.cc).
 
 Everything else is declared in setup.cfg. The kernels compile against the
 XLA FFI headers that jaxlib ships; without a C++ compiler (or jaxlib at build
@@ -41,7 +41,8 @@ _FLAGS = shlex.split(os.environ.get("RESEARCH_KERNEL_CFLAGS", "-O3 -march=native
 setup(
     ext_modules=[Extension(
         "research.kernels._conv_kernels",
-        sources=["research/kernels/conv_kernels.cc"],
+        sources=["research/kernels/conv_kernels.cc",
+                 "research/kernels/lstm_kernels.cc"],
         include_dirs=_jaxlib_include(),
         language="c++",
         extra_compile_args=["-std=c++17", "-w", *_FLAGS],

@@ -29,6 +29,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "hidden_size": 512,
         "num_layers": 2,
         "dropout_rate": 0.2,          # between layers and before the head
+        "lstm_impl": "auto",          # "auto": the C++ CPU kernel where built; "xla"
     })
     # Optimisation.
     config.optimizer = "adam"         # key of state.OPTIMIZERS

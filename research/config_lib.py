@@ -92,12 +92,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 <= config.momentum < 1:
         raise errors.UserError(
             f"config.momentum must be in [0, 1), got {config.momentum}.")
-    if "conv_impl" in config.model_kwargs:
-        from research.models import batch_minor_conv  # noqa: E402
-        try:
-            batch_minor_conv.resolve(config.model_kwargs.conv_impl)
-        except (ValueError, RuntimeError) as e:
-            raise errors.UserError(f"config.model_kwargs.{e}") from None
+    for field in ("conv_impl", "lstm_impl"):  # C++ kernel or XLA
+        if field in config.model_kwargs:
+            from research import kernels  # noqa: E402
+            try:
+                kernels.resolve(config.model_kwargs[field], field)
+            except (ValueError, RuntimeError) as e:
+                raise errors.UserError(f"config.model_kwargs.{e}") from None
 
 
 def _check_choice(field: str, name: str, registry: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from research import checkpointing
 from research import config_lib
 from research import errors
 from research import input_pipeline
+from research import kernels
 from research import models
 from research import parallel
 from research import sharded_data
@@ -26,7 +27,6 @@ from research import state as state_lib
 from research import steps
 from research import tasks
 from research import writers
-from research.models import batch_minor_conv
 
 
 class Interrupted(Exception):
@@ -168,9 +168,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  steps_per_epoch, config.batch_size, mesh.size, jax.process_count(),
                  mesh.devices.tolist())
 
-    if "conv_impl" in config.model_kwargs:
-        logging.info("Convolutions: %s (conv_impl=%r).", batch_minor_conv.resolve(
-            config.model_kwargs.conv_impl), config.model_kwargs.conv_impl)
+    for field in ("conv_impl", "lstm_impl"):
+        if field in config.model_kwargs:
+            logging.info("%s: %s (%r).", field, kernels.resolve(
+                config.model_kwargs[field], field), config.model_kwargs[field])
     manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
     writer = writers.create_writer(workdir)
     try:

@@ -12,6 +12,7 @@ from flax import linen as nn
 from research import config_lib
 from research import errors
 from research import input_pipeline
+from research import kernels
 from research import models
 from research import sample
 from research import state as state_lib
@@ -19,6 +20,7 @@ from research import steps
 from research import tasks
 from research import train
 from research import writers
+from research.models import fused_lstm
 from research.models import rnn
 from tests import conftest
 
@@ -236,3 +238,63 @@ def test_vocab_size_mismatch_is_reported(tmp_path):
     with pytest.raises(errors.UserError, match="vocab_size=65 but the training text"):
         mocked(train.train_and_evaluate,
                tiny_config(**{"model_kwargs.vocab_size": 65}), str(tmp_path))
+
+
+_NEED_KERNELS = pytest.mark.skipif(
+    not kernels.available() and not os.environ.get("RESEARCH_REQUIRE_KERNELS"),
+    reason=f"C++ kernels unavailable: {kernels.load_error()}")
+
+
+@_NEED_KERNELS
+@pytest.mark.parametrize("batch,time,hidden", [(3, 5, 32), (8, 7, 64), (13, 4, 96),
+                                               (2, 1, 32), (64, 6, 128)])
+def test_lstm_kernel_equals_the_scan(batch, time, hidden):
+    """The C++ time loops (forward and backward) against lax.scan: outputs,
+    final carry and all four gradients, with row remainders (3, 13), an odd
+    number of 32-unit panels (96) and a single step."""
+    rng = np.random.default_rng(batch * 100 + hidden)
+    gates_x = jnp.asarray(rng.standard_normal((batch, time, 4 * hidden)), jnp.float32)
+    w_hh = jnp.asarray(0.1 * rng.standard_normal((hidden, 4 * hidden)), jnp.float32)
+    c0, h0 = (jnp.asarray(rng.standard_normal((batch, hidden)), jnp.float32)
+              for _ in range(2))
+
+    def scalar(out):
+        hs, (c, h) = out
+        return (jnp.sin(hs) * jnp.arange(hidden)).sum() + (c ** 2).sum() + h.sum()
+
+    results = {}
+    for impl in ("kernel", "xla"):
+        run = functools.partial(fused_lstm.lstm_sequence, impl=impl)
+        results[impl] = (jax.jit(run)(gates_x, w_hh, c0, h0),
+                         jax.jit(jax.grad(lambda *a, run=run: scalar(run(*a)),
+                                          (0, 1, 2, 3)))(gates_x, w_hh, c0, h0))
+    for got, want in zip(jax.tree.leaves(results["kernel"]),
+                         jax.tree.leaves(results["xla"])):
+        scale = float(jnp.max(jnp.abs(want)))
+        assert float(jnp.max(jnp.abs(got - want))) <= 2e-6 * scale
+
+
+def test_hash_dropout_keeps_the_right_fraction_and_is_seeded():
+    x = jnp.ones((64, 128, 96))
+    layer = rnn.HashDropout(0.2, deterministic=False)
+    out = layer.apply({}, x, rngs={"dropout": jax.random.key(0)})
+    kept = np.asarray(out != 0)
+    assert abs(kept.mean() - 0.8) < 0.002  # 786k draws: std 0.00045
+    np.testing.assert_allclose(np.asarray(out)[kept], 1 / 0.8, rtol=1e-6)
+    # Neighbours are independent: P(keep both) = 0.64 along every axis.
+    for axis in range(3):
+        both = (kept & np.roll(kept, 1, axis=axis)).mean()
+        assert abs(both - 0.64) < 0.003, (axis, both)
+    again = layer.apply({}, x, rngs={"dropout": jax.random.key(0)})
+    other = layer.apply({}, x, rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_array_equal(out, again)
+    assert 0.6 < float((np.asarray(other) != 0).astype(float).mean()) < 1.0
+    assert float(((np.asarray(other) != 0) == kept).mean()) < 0.7  # new mask
+    np.testing.assert_array_equal(
+        rnn.HashDropout(0.2, deterministic=True).apply({}, x), x)
+
+
+def test_bad_lstm_impl_is_refused():
+    with pytest.raises(errors.UserError, match="lstm_impl='fast'; choose from"):
+        config_lib.validate(config_lib.load_config(
+            CONFIG, {"model_kwargs.lstm_impl": "fast"}))

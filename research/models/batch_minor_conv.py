@@ -9,35 +9,14 @@ same function (tests/conv_test.py).
 import jax
 import jax.numpy as jnp
 from jax import lax
-
 from jax.sharding import PartitionSpec as P
 
 from research import kernels
 
-DATA_AXIS = "data"  # parallel.DATA_AXIS (models do not import the trainer)
-
-IMPLS = ("auto", "kernel", "xla")
-
 
 def resolve(impl: str) -> str:
     """'auto' is the kernel where it can run (built, on CPU), else XLA."""
-    if impl not in IMPLS:
-        raise ValueError(f"conv_impl={impl!r}; choose from {IMPLS}.")
-    if impl == "auto":
-        return "kernel" if kernels.available() else "xla"
-    if impl == "kernel" and not kernels.available():
-        why = kernels.load_error() or "JAX is not running on the CPU"
-        raise RuntimeError(f"conv_impl='kernel' but {why}; use 'auto' or 'xla'.")
-    return impl
-
-
-def data_parallel_size() -> int:
-    """Devices on the data axis of the mesh being traced under (`jax.set_mesh`,
-    as the trainer does), else 1."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or DATA_AXIS not in mesh.axis_names:
-        return 1
-    return mesh.shape[DATA_AXIS]
+    return kernels.resolve(impl, "conv_impl")
 
 
 def lanes_for(n: int) -> int:
@@ -88,10 +67,11 @@ def bias_relu_pool(y: jax.Array, bias: jax.Array, impl: str = "auto") -> jax.Arr
 def _per_device(fn, x: jax.Array, *params: jax.Array) -> jax.Array:
     """fn(x, *params) with x's blocks split over the data axis of the mesh
     being traced under; shard_map's transpose sums the params' gradients."""
-    devices = data_parallel_size()
+    devices = kernels.data_parallel_size()
     if devices > 1 and x.shape[0] % devices == 0:
-        return jax.shard_map(fn, in_specs=(P(DATA_AXIS),) + (P(),) * len(params),
-                             out_specs=P(DATA_AXIS), check_vma=False)(x, *params)
+        data = P(kernels.DATA_AXIS)
+        return jax.shard_map(fn, in_specs=(data,) + (P(),) * len(params),
+                             out_specs=data, check_vma=False)(x, *params)
     return fn(x, *params)
 
 

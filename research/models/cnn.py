@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from research import kernels
 from research.models import batch_minor_conv
 
 
@@ -61,7 +62,7 @@ class LeNet(nn.Module):
     def _batch_minor_features(self, x: jax.Array) -> jax.Array:
         """The two conv blocks, batch-minor; returns NHWC features."""
         n = x.shape[0]
-        lanes = batch_minor_conv.lanes_for(n // batch_minor_conv.data_parallel_size())
+        lanes = batch_minor_conv.lanes_for(n // kernels.data_parallel_size())
         x = batch_minor_conv.to_blocks(x, lanes)
         for i, features in enumerate((6, 16)):
             # Named as nn.Conv names itself: the same parameter tree.

@@ -35,6 +35,7 @@ class FusedLSTM(nn.Module):
     `nn.LSTMCell`), returns (carry, hidden states [batch, time, features]).
     """
     features: int
+    impl: str = "xla"  # fused_lstm.lstm_sequence's impl
 
     @nn.compact
     def __call__(self, gates_x: jax.Array, initial_carry: Carry | None = None
@@ -43,8 +44,8 @@ class FusedLSTM(nn.Module):
         if initial_carry is None:
             initial_carry = self.initialize_carry(gates_x.shape[0])
         c, h = initial_carry
-        hs, carry = fused_lstm.lstm_sequence(gates_x.swapaxes(0, 1), w_hh, c, h)
-        return carry, hs.swapaxes(0, 1)
+        hs, carry = fused_lstm.lstm_sequence(gates_x, w_hh, c, h, self.impl)
+        return carry, hs
 
     def initialize_carry(self, batch_size: int) -> Carry:
         zeros = jnp.zeros((batch_size, self.features))
@@ -81,6 +82,35 @@ class ProjectedGRUCell(nn.RNNCellBase):
         return 1
 
 
+class HashDropout(nn.Module):
+    """Inverted dropout whose mask is a hash of the element index and a seed.
+
+    Same distribution as `nn.Dropout` (each element kept with probability
+    1 - rate, independently of its neighbours to the quality of a good
+    integer hash), but the mask is a few integer ops per element that XLA
+    fuses into the multiply, where threefry bits cost ~5 ns each on CPU
+    (measured: 11 ms of a 190 ms LSTM step for one [64, 128, 256] mask).
+    """
+    rate: float
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.deterministic or self.rate == 0.0:
+            return x
+        seed = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
+        index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
+        h = index * jnp.uint32(0x9E3779B9) + seed[0]
+        for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):  # lowbias32
+            h = (h ^ (h >> shift)) * jnp.uint32(mult)
+        h = h ^ (h >> 16) ^ seed[1]
+        h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)  # mix seed[1] in
+        h = h ^ (h >> 15)
+        threshold = jnp.uint32(min(int(self.rate * 2.0 ** 32), 2 ** 32 - 1))
+        keep = h >= threshold
+        return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros((), x.dtype))
+
+
 GATES = {"lstm": 4, "gru": 3}
 
 
@@ -90,6 +120,8 @@ class CharRNN(nn.Module):
     Dropout between layers and before the head. The carry is explicit: pass
     `carry` (from `initialize_carry` or a previous call) and
     `return_carry=True` to process a text in chunks or one token at a time.
+    `lstm_impl`: "auto" runs the LSTM's time loops in the C++ CPU kernel where
+    it is built and JAX is on the CPU, "xla" in `lax.scan`; same parameters.
     """
     vocab_size: int
     cell: str = "lstm"
@@ -97,6 +129,7 @@ class CharRNN(nn.Module):
     hidden_size: int = 512
     num_layers: int = 2
     dropout_rate: float = 0.0
+    lstm_impl: str = "auto"
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, train: bool = False,
@@ -104,22 +137,27 @@ class CharRNN(nn.Module):
         """Maps tokens [batch, time] to logits [batch, time, vocab] (and carry)."""
         if self.cell not in GATES:
             raise ValueError(f"Unknown cell {self.cell!r}; choose from {sorted(GATES)}")
-        x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
-        carries = []
+        embed = nn.Embed(self.vocab_size, self.embed_dim, name="embed")
+        carries, x = [], None  # x: the previous layer's hidden states
         for layer in range(self.num_layers):
-            if layer:
-                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-            gates = nn.Dense(GATES[self.cell] * self.hidden_size,
-                             name=f"input_{layer}")(x)
+            dense = nn.Dense(GATES[self.cell] * self.hidden_size, name=f"input_{layer}")
+            if layer == 0:
+                # Token -> gates through one [vocab, gates] table (the embedding
+                # projected once), gathered: no [tokens, embed] x [embed, gates]
+                # matmul or bias pass over the whole batch.
+                gates = jnp.take(dense(embed.embedding), tokens, axis=0)
+            else:
+                x = HashDropout(self.dropout_rate, deterministic=not train)(x)
+                gates = dense(x)
             if self.cell == "lstm":
-                rnn = FusedLSTM(self.hidden_size, name=f"cell_{layer}")
+                rnn = FusedLSTM(self.hidden_size, self.lstm_impl, name=f"cell_{layer}")
             else:
                 rnn = nn.RNN(ProjectedGRUCell(self.hidden_size, name=f"cell_{layer}"),
                              return_carry=True, name=f"rnn_{layer}")
             layer_carry, x = rnn(
                 gates, initial_carry=None if carry is None else carry[layer])
             carries.append(layer_carry)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = HashDropout(self.dropout_rate, deterministic=not train)(x)
         logits = nn.Dense(self.vocab_size, name="head")(x)
         return (logits, tuple(carries)) if return_carry else logits
 
