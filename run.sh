@@ -24,7 +24,7 @@ setup() {
   local stamp=.venv/.installed
   local want
   # Reinstall when the dependencies or the C++ kernels change.
-  want=$(cat setup.cfg pyproject.toml setup.py research/kernels/*.cc | sha256sum | cut -c1-16)
+  want=$(cat setup.cfg pyproject.toml setup.py research/kernels/*.cc research/kernels/*.h | sha256sum | cut -c1-16)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
   if [ ! -x .venv/bin/python ]; then
     local py

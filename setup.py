@@ -44,6 +44,7 @@ setup(
         sources=["research/kernels/conv_kernels.cc",
                  "research/kernels/lstm_kernels.cc"],
         include_dirs=_jaxlib_include(),
+        depends=["research/kernels/simd.h"],
         language="c++",
         extra_compile_args=["-std=c++17", "-w", *_FLAGS],
         optional=True)],

@@ -24,36 +24,17 @@
 #include <memory>
 #include <vector>
 
+#include "simd.h"  // beside this file
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// L floats: one pixel of L images (L = 4, 8 or 16, the innermost dimension).
-template <int L>
-struct Vec {
-  typedef float type __attribute__((vector_size(4 * L)));
-  typedef int32_t mask __attribute__((vector_size(4 * L)));  // compare results
-  typedef int8_t bytes __attribute__((vector_size(L)));
-};
-
-template <int L>
-inline typename Vec<L>::type Load(const float* p) {
-  typename Vec<L>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <int L>
-inline void Store(float* p, typename Vec<L>::type v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-template <int L>
-inline float Sum(typename Vec<L>::type v) {
-  float s = 0.f;
-  for (int l = 0; l < L; ++l) s += v[l];
-  return s;
-}
+using research::Load;
+using research::Store;
+using research::Sum;
+using research::Vec;
 
 // Runs f(begin, end) over [0, n) on the caller and at most one pool thread.
 // The caller takes the pool's half itself if no thread has started it, so a

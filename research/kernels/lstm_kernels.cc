@@ -17,23 +17,20 @@
 #include <memory>
 #include <vector>
 
+#include "simd.h"  // beside this file
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float V __attribute__((vector_size(64)));  // 16 floats
-typedef int32_t VI __attribute__((vector_size(64)));
+using V = research::Vec<16>::type;
+using VI = research::Vec<16>::mask;
 constexpr int kPanel = 32;  // columns per packed panel: two vectors
 constexpr int kRows = 8;    // rows per micro-kernel call
 
-inline V Load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void Store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+inline V Load(const float* p) { return research::Load<16>(p); }
+inline void Store(float* p, V v) { research::Store<16>(p, v); }
 
 // exp on 16 floats: 2^n * p(r), Cephes' expf polynomial; |rel. error| < 2e-7.
 inline V Exp(V x) {
