@@ -53,10 +53,14 @@ class Shard:
     counts: tuple[int, ...]
 
 
+def even_bounds(n: int, parts: int) -> np.ndarray:
+    """Where n rows split into `parts` nearly equal contiguous pieces."""
+    return np.array([n * i // parts for i in range(parts + 1)])
+
+
 def share_of(rows: Split) -> Shard:
     """This process's even share of rows that every process has read."""
-    n, parts = len(next(iter(rows.values()))), jax.process_count()
-    bounds = [n * i // parts for i in range(parts + 1)]
+    bounds = even_bounds(len(next(iter(rows.values()))), jax.process_count())
     p = jax.process_index()
     return Shard({k: v[bounds[p]:bounds[p + 1]] for k, v in rows.items()},
                  tuple(np.diff(bounds).tolist()))

@@ -61,9 +61,10 @@ def place_eval(shard: input_pipeline.Shard, batch_size: int,
     """
     local_devices = _local_devices(mesh)
     per_batch = batch_size // mesh.size
-    device_counts = [np.diff(_even_bounds(c, local_devices)) for c in shard.counts]
+    split = input_pipeline.even_bounds
+    device_counts = [np.diff(split(c, local_devices)) for c in shard.counts]
     num_batches = max(1, -(-int(np.max(device_counts)) // per_batch))
-    bounds = _even_bounds(shard.counts[jax.process_index()], local_devices)
+    bounds = split(shard.counts[jax.process_index()], local_devices)
     columns = []
     for d in range(local_devices):
         part = {k: v[bounds[d]:bounds[d + 1]] for k, v in shard.rows.items()}
@@ -76,10 +77,6 @@ def place_eval(shard: input_pipeline.Shard, batch_size: int,
     return {k: jax.make_array_from_process_local_data(
         sharding, v, (num_batches, batch_size) + v.shape[2:])
         for k, v in local.items()}
-
-
-def _even_bounds(n: int, parts: int) -> np.ndarray:
-    return np.array([n * i // parts for i in range(parts + 1)])
 
 
 def gather_rows(rows: Batch, idx: jax.Array, mesh: jax.sharding.Mesh) -> Batch:

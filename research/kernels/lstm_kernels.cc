@@ -130,21 +130,25 @@ class Barrier {
   std::atomic<int> phase_{0};
 };
 
-// Runs body(thread, threads) on the caller and, when the pool has a second
-// thread and there are at least two blocks of units, on one pool thread too.
+// Runs body(thread, threads, barrier) on the caller and, when the pool has a
+// second thread and there are at least two blocks of units, on one pool
+// thread too; the barrier is sized to the team it actually runs.
 template <typename F>
 void RunTeam(ffi::ThreadPool& pool, int64_t unit_blocks, F body) {
   if (unit_blocks < 2 || pool.num_threads() < 2) {
-    body(0, 1);
+    Barrier alone(1);
+    body(0, 1, alone);
     return;
   }
+  Barrier barrier(2);
   auto done = std::make_shared<std::atomic<bool>>(false);
   F* shared_body = &body;
-  pool.Schedule([done, shared_body] {
-    (*shared_body)(1, 2);
+  Barrier* shared_barrier = &barrier;
+  pool.Schedule([done, shared_body, shared_barrier] {
+    (*shared_body)(1, 2, *shared_barrier);
     done->store(true, std::memory_order_release);
   });
-  body(0, 2);
+  body(0, 2, barrier);
   while (!done->load(std::memory_order_acquire)) __builtin_ia32_pause();
 }
 
@@ -189,9 +193,7 @@ ffi::Error LstmFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates_x,
   float* c_out = cs->typed_data();
   float* z = acts->typed_data();
   std::memcpy(z, gx, sizeof(float) * T * B * G);
-  const int threads = (H / kPanel >= 2 && pool.num_threads() >= 2) ? 2 : 1;
-  Barrier barrier(threads);
-  RunTeam(pool, H / kPanel, [&](int t, int n) {
+  RunTeam(pool, H / kPanel, [&](int t, int n, Barrier& barrier) {
     int64_t u0, u1;
     UnitRange(s, t, n, &u0, &u1);
     for (int64_t step = 0; step < T; ++step) {
@@ -253,9 +255,7 @@ ffi::Error LstmBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d_hs,
   const float* dhs = d_hs.typed_data();
   const float* csp = cs.typed_data();
   const float* a = acts.typed_data();
-  const int threads = (H / kPanel >= 2 && pool.num_threads() >= 2) ? 2 : 1;
-  Barrier barrier(threads);
-  RunTeam(pool, H / kPanel, [&](int t, int n) {
+  RunTeam(pool, H / kPanel, [&](int t, int n, Barrier& barrier) {
     int64_t u0, u1;
     UnitRange(s, t, n, &u0, &u1);
     for (int64_t step = T - 1; step >= 0; --step) {
