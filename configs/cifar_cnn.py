@@ -27,6 +27,16 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # built and JAX is on the CPU, else in XLA; "xla" or "kernel" to force.
     config.model_kwargs = ml_collections.ConfigDict({"num_classes": 10,
                                                      "conv_impl": "auto"})
+    # Objective: "" is the dataset's own (classification: cross-entropy).
+    config.objective = ""             # key of objectives.OBJECTIVES
+    config.objective_kwargs = ml_collections.ConfigDict({"label_smoothing": 0.0})
+    # Augmentation, on device and keyed by (seed, step, example); see augment.py.
+    config.augment = ml_collections.ConfigDict({
+        "flip": "none",               # "none", "random" or "alternating"
+        "translate": 0,               # pixels of reflect padding + random crop
+        "cutout": 0,                  # side of a zeroed square; 0: off
+        "eval_views": ("identity",),  # test-time views averaged ("flip", ...)
+    })
     # Optimisation.
     config.optimizer = "sgd"          # key of state.OPTIMIZERS
     config.learning_rate = 0.001
@@ -37,6 +47,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.grad_clip_norm = 0.0       # clip gradients to this global norm; 0: off
     config.batch_size = 4             # global batch size, over all devices
     config.grad_accum_steps = 1       # micro-batches per step: same update, less memory
+    config.ema_decay = 0.0            # evaluate an EMA of the weights; 0: off
     config.num_epochs = 10
     # Devices.
     config.num_devices = 0            # devices on the mesh's data axis; 0: all

@@ -31,6 +31,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "dropout_rate": 0.2,          # between layers and before the head
         "lstm_impl": "auto",          # "auto": the C++ CPU kernel where built; "xla"
     })
+    config.objective = ""             # "": the dataset's (next-character prediction)
+    config.objective_kwargs = ml_collections.ConfigDict()
     # Optimisation.
     config.optimizer = "adam"         # key of state.OPTIMIZERS
     config.learning_rate = 2e-3       # peak, after the warmup
@@ -41,6 +43,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.grad_clip_norm = 5.0       # clip gradients to this global norm; 0: off
     config.batch_size = 64            # windows per step, over all devices
     config.grad_accum_steps = 1       # micro-batches per step: same update, less memory
+    config.ema_decay = 0.0            # evaluate an EMA of the weights; 0: off
     config.num_epochs = 30            # an epoch: the training text once (~122 steps)
     # Devices and loop.
     config.num_devices = 0            # devices on the mesh's data axis; 0: all

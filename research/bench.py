@@ -30,13 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from research import experiment
 from research import input_pipeline
-from research import models
 from research import parallel
 from research import sharded_data
 from research import steps
-from research import tasks
-from research import train
+from research.models import impl
 
 config_flags.DEFINE_config_file("config", None, "Config to benchmark.",
                                 lock_config=False)
@@ -84,79 +83,86 @@ def _median_time(fn, steps: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _synthetic_split(dataset, config, examples: int) -> dict[str, np.ndarray]:
+def _synthetic_split(exp: experiment.Experiment, examples: int
+                     ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    if dataset.task == "language_model":
+    config = exp.config
+    if isinstance(exp.dataset, input_pipeline.CharacterText):
         vocab = config.model_kwargs.vocab_size
         return {"tokens": rng.integers(0, vocab, (examples, config.seq_len + 1),
                                        dtype=np.int32)}
-    return {"image": rng.integers(0, 256, (examples,) + dataset.image_shape,
+    return {"image": rng.integers(0, 256, (examples,) + exp.dataset.image_shape,
                                   dtype=np.uint8),
-            "label": rng.integers(0, dataset.num_classes, examples, dtype=np.int32)}
+            "label": rng.integers(0, exp.dataset.num_classes, examples,
+                                  dtype=np.int32)}
+
+
+def _model_flops(exp: experiment.Experiment, batch_size: int, lowered_args
+                 ) -> tuple[float, str]:
+    """Model FLOPs of one train step, and where the number comes from."""
+    if exp.config.model == "char_rnn":
+        # XLA's cost analysis counts a while loop's body once, not per step.
+        return char_rnn_train_flops(exp.config, batch_size), "counted"
+    kernels = impl.kernels()
+    if kernels is None or not kernels.available():
+        return _xla_flops(exp.train_chunk(1, batch_size).lower(
+            *lowered_args).compile()), "xla"
+    # XLA does not count custom kernels: count the same model in XLA.
+    with kernels.xla_only():
+        reference = experiment.build(exp.config, mesh=exp.mesh, info=exp.info)
+        state = reference.create_state(jax.random.key(0), 10_000)
+        return _xla_flops(reference.train_chunk(1, batch_size).lower(
+            state, *lowered_args[1:]).compile()), "xla (kernels counted as XLA)"
 
 
 def bench_jax(config, batch_size: int, num_devices: int) -> dict:
     """Times the trainer's compiled step and an eval step on synthetic data."""
-    dataset = input_pipeline.get_dataset(config.dataset)
-    task = tasks.get_task(dataset.task)
-    model = models.create_model(config.model, **config.model_kwargs)
-    mesh = parallel.create_mesh(num_devices)
+    exp = experiment.build(config, mesh=parallel.create_mesh(num_devices),
+                           info={})
+    mesh = exp.mesh
     parallel.check_divisible("batch_size", batch_size, mesh, config.grad_accum_steps)
-    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     examples = batch_size * 8
-    synthetic = _synthetic_split(dataset, config, examples)
-    data, row_of = sharded_data.place_rows(
+    synthetic = _synthetic_split(exp, examples)
+    rows, row_of = sharded_data.place_rows(
         input_pipeline.Shard(synthetic, (examples,)), mesh)
-    perm = parallel.put_replicated(np.asarray(row_of)[np.random.default_rng(
-        1).permutation(examples)], mesh)
-    state = train.create_state(config, model, dataset, mesh, jax.random.key(0),
-                               total_steps=10_000)
-    key = jax.device_put(jax.random.key(1), replicated)
-    train_fn = train.jit_train_chunk(config, dataset, task, mesh, 1, batch_size)
+    data = {"rows": rows, "row_of": row_of}
+    order = parallel.put_replicated(
+        np.random.default_rng(1).permutation(examples).astype(np.int32), mesh)
+    state = exp.create_state(jax.random.key(0), total_steps=10_000)
+    keys = jax.device_put({"dropout": jax.random.key(1),
+                           "augment": jax.random.key(2)}, parallel.replicated(mesh))
+    empty = parallel.put_replicated(exp.objective.metrics_cls.empty(), mesh)
+    args = (state, empty, parallel.put_replicated(np.int32(-1), mesh), data, order,
+            keys, exp.aux())
 
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = train_fn.lower(state, *train.fresh_totals(task, mesh), data, perm,
-                                  key).compile()
-    compile_s = time.perf_counter() - start
-    if config.model == "char_rnn":
-        # XLA's cost analysis counts a while loop's body once, not per step.
-        flops, flops_source = char_rnn_train_flops(config, batch_size), "counted"
-    elif config.model_kwargs.get("conv_impl", "xla") != "xla":
-        # XLA does not count custom kernels: count the same model in XLA.
-        reference = config.copy_and_resolve_references()
-        reference.model_kwargs.conv_impl = "xla"
-        reference_fn = train.jit_train_chunk(reference, dataset, task, mesh, 1,
-                                             batch_size)
-        reference_state = train.create_state(
-            reference, models.create_model(reference.model,
-                                           **reference.model_kwargs),
-            dataset, mesh, jax.random.key(0), total_steps=10_000)
-        flops, flops_source = _xla_flops(reference_fn.lower(
-            reference_state, *train.fresh_totals(task, mesh), data, perm,
-            key).compile()), "xla (conv_impl=xla)"
-    else:
-        flops, flops_source = _xla_flops(compiled), "xla"
-
-    holder = {"carry": (state, *train.fresh_totals(task, mesh))}
+        compiled = exp.train_chunk(1, batch_size).lower(*args).compile()
+        compile_s = time.perf_counter() - start
+        flops, flops_source = _model_flops(exp, batch_size, args)
+    holder = {"carry": args[:3]}
 
     def train_call():  # as in the trainer: metrics stay on device between calls
-        holder["carry"] = compiled(*holder["carry"], data, perm, key)
+        holder["carry"] = compiled(*holder["carry"], *args[3:])
         return holder["carry"][2]
 
     jax.block_until_ready(train_call())
     step_s = _median_time(train_call, FLAGS.steps, FLAGS.repeats)
 
-    batch = jax.device_put(jax.tree.map(lambda a: a[:batch_size], synthetic), sharded)
-    variables = holder["carry"][0].variables
-    prepared = dataset.preprocess(batch)
+    batch = jax.device_put(
+        {"mask": np.ones(batch_size, bool),
+         **jax.tree.map(lambda a: a[:batch_size], synthetic)},
+        parallel.batch_sharded(mesh))
+    variables = holder["carry"][0].eval_variables
     with jax.set_mesh(mesh):
-        eval_fn = jax.jit(functools.partial(steps.eval_step, model.apply, task=task),
-                          out_shardings=replicated).lower(variables, prepared).compile()
-    jax.block_until_ready(eval_fn(variables, prepared))
-    eval_s = _median_time(lambda: eval_fn(variables, prepared), FLAGS.steps,
+        eval_fn = jax.jit(functools.partial(
+            steps.eval_step, exp.model.apply, pipeline=exp.pipeline(train=False)),
+            out_shardings=parallel.replicated(mesh)).lower(
+                variables, batch, exp.aux()).compile()
+    jax.block_until_ready(eval_fn(variables, batch, exp.aux()))
+    eval_s = _median_time(lambda: eval_fn(variables, batch, exp.aux()), FLAGS.steps,
                           FLAGS.repeats)
-    _, per_example = dataset.throughput_unit(config)
+    _, per_example = exp.dataset.throughput_unit(config)
     return {"framework": "jax", "jax_version": jax.__version__,
             "devices": mesh.size, "train_per_sec": batch_size * per_example / step_s,
             "eval_per_sec": batch_size * per_example / eval_s,

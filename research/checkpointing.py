@@ -1,10 +1,11 @@
-"""Orbax checkpoints of a run: `<workdir>/checkpoints/<step>/{model,train,config}`.
+"""Orbax checkpoints of a run: `<workdir>/checkpoints/<step>/{model,train,...}`.
 
 The model variables (`model`) are an item of their own, so evaluation,
 sampling and distillation teachers restore them with one call and never build
-an optimizer. `train` holds the step, the optimizer state and the running
-epoch metrics; `config` the config the checkpoint was trained with; `dataset`
-what the model needs besides (a vocabulary, the number of classes).
+an optimizer. `train` holds the rest of the train state and the loop's
+running metrics (`state.checkpoint_items` makes both); `config` the config
+the checkpoint was trained with; `dataset` what the model needs besides (a
+vocabulary, the number of classes).
 """
 import os
 import shutil
@@ -32,22 +33,29 @@ def create_manager(workdir: str, keep: int = 3, read_only: bool = False
         os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, model: PyTree, train: PyTree,
+def save(manager: ocp.CheckpointManager, step: int, items: dict[str, PyTree],
          config: ml_collections.ConfigDict, dataset_info: dict[str, Any]) -> None:
     """Starts an asynchronous save of `step`; returns before it is on disk.
 
-    `dataset_info` (e.g. a vocabulary) makes the checkpoint usable on its own.
+    Args:
+      manager: the run's manager.
+      step: the step the items belong to.
+      items: {"model": variables, "train": the rest} (`state.checkpoint_items`).
+      config: saved beside them.
+      dataset_info: e.g. a vocabulary; makes the checkpoint usable on its own.
     """
     manager.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(model),
-        train=ocp.args.StandardSave(train),
+        model=ocp.args.StandardSave(items["model"]),
+        train=ocp.args.StandardSave(items["train"]),
         config=ocp.args.JsonSave(config.to_dict()),
         dataset=ocp.args.JsonSave(dataset_info)), force=True)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_model: PyTree,
-                   abstract_train: PyTree) -> tuple[PyTree, PyTree] | None:
-    """Restores the newest readable checkpoint, or returns None if there is none.
+def restore_latest(manager: ocp.CheckpointManager, abstract: dict[str, PyTree]
+                   ) -> dict[str, PyTree] | None:
+    """Restores the `model` and `train` items of the newest readable
+    checkpoint (`abstract`: their shapes, dtypes and shardings), or returns
+    None if there is none.
 
     A checkpoint newer than a readable one that fails to restore is reported
     by name and moved to `<workdir>/corrupt_checkpoints/`; nothing is deleted.
@@ -61,8 +69,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_model: PyTree,
     for step in steps:
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(abstract_model),
-                train=ocp.args.StandardRestore(abstract_train)))
+                model=ocp.args.StandardRestore(abstract["model"]),
+                train=ocp.args.StandardRestore(abstract["train"])))
         except Exception as e:  # pylint: disable=broad-except
             logging.error("Checkpoint %s could not be restored: %s: %s",
                           _step_dir(manager, step), type(e).__name__, e)
@@ -73,7 +81,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_model: PyTree,
         if failures:
             manager.reload()
         logging.info("Restored checkpoint %s", _step_dir(manager, step))
-        return restored.model, restored.train
+        return {"model": restored.model, "train": restored.train}
     if not failures:
         return None
     step, error = failures[0]

@@ -63,7 +63,7 @@ def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks names and ranges before any compute; raises UserError."""
     # Imported here: the registries pull in flax/optax, configs should not.
-    from research import input_pipeline, models, state  # noqa: E402
+    from research import augment, input_pipeline, models, state  # noqa: E402
 
     _check_choice("model", config.model, models.MODELS)
     _check_choice("dataset", config.dataset, input_pipeline.DATASETS)
@@ -92,13 +92,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 <= config.momentum < 1:
         raise errors.UserError(
             f"config.momentum must be in [0, 1), got {config.momentum}.")
-    for field in ("conv_impl", "lstm_impl"):  # C++ kernel or XLA
-        if field in config.model_kwargs:
-            from research import kernels  # noqa: E402
-            try:
-                kernels.resolve(config.model_kwargs[field], field)
-            except (ValueError, RuntimeError) as e:
-                raise errors.UserError(f"config.model_kwargs.{e}") from None
+    if "augment" in config:
+        augment.check(config.augment)
+    state.create_extras(config)  # checks their fields
+
+
+def check_schedule(config: ml_collections.ConfigDict, total_steps: int) -> None:
+    """Checks the learning-rate schedule against the run's length."""
+    if config.warmup_steps >= total_steps and config.lr_schedule != "constant":
+        raise errors.UserError(
+            f"config.warmup_steps={config.warmup_steps} is not below the run's "
+            f"{total_steps} steps, so the {config.lr_schedule} decay never starts; "
+            "lower warmup_steps or train longer.")
 
 
 def _check_choice(field: str, name: str, registry: dict[str, Any]) -> None:

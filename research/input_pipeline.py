@@ -2,16 +2,17 @@
 
 Small datasets are read once, whole, and live on the device; shuffling and
 batching happen there (see `steps.train_steps`), so input never stalls a step.
-Each dataset spec says how its splits become rows: one per training example,
-and one per evaluation example or stream (`train_rows`, `eval_rows`). In a
-multi-process job each process reads and keeps only its share of the rows
-(`Shard`); `sharded_data` places the shares on the devices.
+Each dataset spec (`DatasetSpec`) says how its splits become rows: one per
+training example, and one per evaluation example or stream (`train_rows`,
+`eval_rows`). In a multi-process job each process reads and keeps only its
+share of the rows (`Shard`); `sharded_data` places the shares on the devices.
+Adding a dataset is one spec plus a line in `DATASETS`.
 """
 import dataclasses
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from absl import logging
 import jax
@@ -53,6 +54,45 @@ class Shard:
     counts: tuple[int, ...]
 
 
+class DatasetSpec(Protocol):
+    """The contract every dataset spec follows (see `ImageClassification`).
+
+    Attributes:
+      tfds_name: the TFDS dataset it reads.
+      download_host: probed before a download, so that offline runs fail fast.
+      default_objective: key of `objectives.OBJECTIVES` used when the config
+        names none.
+      input_dtype: the model input's dtype.
+    """
+    tfds_name: str
+    download_host: str
+    default_objective: str
+    input_dtype: Any
+
+    def info(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
+        """What the model and the rows need besides the data (e.g. the number
+        of classes, a vocabulary). Computed once per run and saved in every
+        checkpoint, so a checkpoint is usable on its own; JSON-serialisable."""
+
+    def input_shape(self, config: ml_collections.ConfigDict) -> tuple[int, ...]:
+        """One example's model input shape (no batch axis)."""
+
+    def train_rows(self, config: ml_collections.ConfigDict,
+                   info: dict[str, Any]) -> "Shard":
+        """This process's share of the training rows, one per example."""
+
+    def eval_rows(self, config: ml_collections.ConfigDict,
+                  info: dict[str, Any]) -> "Shard":
+        """This process's share of the evaluation rows; a row may carry its
+        own boolean `mask`."""
+
+    def preprocess(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Raw rows to model inputs on device (e.g. uint8 to float); pure."""
+
+    def throughput_unit(self, config: ml_collections.ConfigDict) -> tuple[str, int]:
+        """What speed is counted in, and how many of it an example holds."""
+
+
 def even_bounds(n: int, parts: int) -> np.ndarray:
     """Where n rows split into `parts` nearly equal contiguous pieces."""
     return np.array([n * i // parts for i in range(parts + 1)])
@@ -72,8 +112,8 @@ class ImageClassification:
     tfds_name: str
     image_shape: tuple[int, ...]
     num_classes: int
-    download_host: str  # probed before a download so that offline runs fail fast
-    task: str = "classification"  # key of tasks.TASKS
+    download_host: str
+    default_objective: str = "classification"
     input_dtype: Any = jnp.float32
 
     def input_shape(self, config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -86,11 +126,15 @@ class ImageClassification:
         return {"image": np.concatenate(parts["image"]).astype(np.uint8),
                 "label": np.concatenate(parts["label"]).astype(np.int32)}
 
-    def train_rows(self, config: ml_collections.ConfigDict) -> Shard:
+    def train_rows(self, config: ml_collections.ConfigDict,
+                   info: dict[str, Any]) -> Shard:
         """One row per training example; each process reads only its share."""
+        del info
         return self._read_share(config, config.train_split)
 
-    def eval_rows(self, config: ml_collections.ConfigDict) -> Shard:
+    def eval_rows(self, config: ml_collections.ConfigDict,
+                  info: dict[str, Any]) -> Shard:
+        del info
         return self._read_share(config, config.eval_split)
 
     def _read_share(self, config: ml_collections.ConfigDict, split: str) -> Shard:
@@ -110,12 +154,10 @@ class ImageClassification:
         return Shard(rows, counts)
 
     def throughput_unit(self, config: ml_collections.ConfigDict) -> tuple[str, int]:
-        """What speed is counted in, and how many of it an example holds."""
         del config
         return "images", 1
 
     def info(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
-        """What a checkpoint needs to be used on its own."""
         del config
         return {"num_classes": self.num_classes}
 
@@ -137,30 +179,30 @@ class CharacterText:
     """
     tfds_name: str
     download_host: str
-    task: str = "language_model"
+    default_objective: str = "language_model"
     input_dtype: Any = jnp.int32
 
     def input_shape(self, config: ml_collections.ConfigDict) -> tuple[int, ...]:
         return (config.seq_len,)
 
+    def text(self, config: ml_collections.ConfigDict, split: str) -> str:
+        """A split's text (all its records joined)."""
+        texts = np.concatenate(_read_tfds(self, config, split, ("text",))["text"])
+        return b"".join(texts).decode("utf-8")
+
     def vocab(self, config: ml_collections.ConfigDict) -> str:
         """The sorted characters of the training split."""
-        texts = np.concatenate(_read_tfds(self, config, "train", ("text",))["text"])
-        return "".join(sorted(set(b"".join(texts).decode("utf-8"))))
+        return "".join(sorted(set(self.text(config, "train"))))
 
-    def load(self, config: ml_collections.ConfigDict, split: str) -> Split:
-        texts = np.concatenate(_read_tfds(self, config, split, ("text",))["text"])
-        return {"text": encode(b"".join(texts).decode("utf-8"), self.vocab(config))}
+    def load(self, config: ml_collections.ConfigDict, split: str,
+             vocab: str) -> Split:
+        return {"text": encode(self.text(config, split), vocab)}
 
-    def train_rows(self, config: ml_collections.ConfigDict) -> Shard:
+    def train_rows(self, config: ml_collections.ConfigDict,
+                   info: dict[str, Any]) -> Shard:
         """Windows of `seq_len + 1` characters, one row each. The text is a
         single TFDS record, so every process reads it and keeps its share."""
-        text = self.load(config, config.train_split)["text"]
-        vocab_size, found = config.model_kwargs.vocab_size, len(self.vocab(config))
-        if vocab_size != found:
-            raise errors.UserError(
-                f"config.model_kwargs.vocab_size={vocab_size} but the training text "
-                f"has {found} distinct characters; set it to that.")
+        text = self.load(config, config.train_split, info["vocab"])["text"]
         t = config.seq_len
         n = (len(text) - 1) // t
         if n < 1:
@@ -170,11 +212,12 @@ class CharacterText:
         idx = np.arange(n)[:, None] * t + np.arange(t + 1)[None, :]
         return share_of({"tokens": text[idx]})
 
-    def eval_rows(self, config: ml_collections.ConfigDict) -> Shard:
+    def eval_rows(self, config: ml_collections.ConfigDict,
+                  info: dict[str, Any]) -> Shard:
         """`eval_batch_size` contiguous streams, one row each, with a mask
         that is False past the end of the text."""
-        return share_of(self.streams(self.load(config, config.eval_split)["text"],
-                                     config.eval_batch_size))
+        text = self.load(config, config.eval_split, info["vocab"])["text"]
+        return share_of(self.streams(text, config.eval_batch_size))
 
     @staticmethod
     def streams(text: np.ndarray, num_streams: int) -> Split:
@@ -204,21 +247,11 @@ DATASETS = {
 }
 
 
-def get_dataset(name: str) -> ImageClassification | CharacterText:
+def get_dataset(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise errors.UserError(
             f"Unknown dataset {name!r}; choose from {sorted(DATASETS)}.")
     return DATASETS[name]
-
-
-def load_split(config: ml_collections.ConfigDict, split: str) -> Split:
-    """Reads one split of `config.dataset` whole into numpy arrays.
-
-    Raises:
-      UserError: when the data is not prepared under the data_dir and cannot be
-        downloaded; raised within seconds, never after download retries.
-    """
-    return get_dataset(config.dataset).load(config, split)
 
 
 def encode(text: str, vocab: str) -> np.ndarray:

@@ -9,7 +9,7 @@ from flax import linen as nn
 from jax import lax
 
 from research import errors
-from research import evaluate
+from research import experiment
 from research import input_pipeline
 from research import models
 from research import parallel
@@ -53,8 +53,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str,
       UserError: not a text model, no checkpoint, or prompt characters the
         model does not know.
     """
-    if "sample" not in config or input_pipeline.get_dataset(
-            config.dataset).task != "language_model":
+    objective = (config.objective
+                 or input_pipeline.get_dataset(config.dataset).default_objective)
+    if "sample" not in config or objective != "language_model":
         raise errors.UserError(
             "--mode=sample needs a language-model config with a `sample` section "
             "(e.g. configs/shakespeare_rnn.py).")
@@ -66,9 +67,13 @@ def sample(config: ml_collections.ConfigDict, workdir: str,
         raise errors.UserError("config.sample needs temperature >= 0, top_k >= 0 "
                                "and length >= 1.")
     model = models.create_model(config.model, **config.model_kwargs)
-    variables, info, step = evaluate.restore_variables(
-        config, workdir, step, parallel.create_mesh(1), with_info=True)
+    variables, step, info = experiment.restore_variables(
+        config, workdir, step, parallel.create_mesh(1))
     vocab = info["vocab"]
+    if options.top_k > len(vocab):
+        raise errors.UserError(
+            f"config.sample.top_k={options.top_k} but the model knows only "
+            f"{len(vocab)} characters; use 0 (all) to {len(vocab)}.")
     try:
         prompt = input_pipeline.encode(options.prompt, vocab)
     except errors.UserError as e:

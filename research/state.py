@@ -1,33 +1,141 @@
-"""The train state and the optimizers configs can name."""
-from typing import Any, Callable
+"""The train state, its checkpoint items, state extras and optimizers.
+
+Everything that changes in training is one pytree, `TrainState`: params, the
+model's other collections (`model_state`: BatchNorm statistics, ...), the
+optimizer state (which also holds anything an optimizer wrapper keeps, such
+as pruning masks) and `extras`, state that the config declares beside them
+(e.g. an exponential moving average of the weights). `checkpoint_items` and
+`restore_items` map it to and from the checkpoint, for save and restore alike.
+"""
+import dataclasses
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import linen as nn
-from flax.training import train_state
+from flax import struct
 
 from research import errors
 
 PyTree = Any
 
 
-class TrainState(train_state.TrainState):
-    """Params, optimizer state and step; `batch_stats` is {} without BatchNorm."""
-    batch_stats: PyTree
+class Extra(Protocol):
+    """State kept beside the weights, updated after every optimizer step."""
+    name: str
+
+    def init(self, variables: PyTree) -> PyTree:
+        """The initial value, from the model's initial variables."""
+
+    def update(self, value: PyTree, state: "TrainState") -> PyTree:
+        """The value after the step that produced `state`."""
+
+    def eval_variables(self, value: PyTree) -> PyTree | None:
+        """The variables evaluation should use instead of the state's, or None."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Ema:
+    """Exponential moving average of all model variables, evaluated in place of
+    them: ema <- ema + (1 - decay) * (variables - ema) after every step."""
+    decay: float
+    name: str = "ema"
+
+    def init(self, variables):
+        return jax.tree.map(jnp.copy, variables)
+
+    def update(self, value, state):
+        return jax.tree.map(lambda e, v: e + (1.0 - self.decay) * (v - e),
+                            value, state.variables)
+
+    def eval_variables(self, value):
+        return value
+
+
+def create_extras(config: ml_collections.ConfigDict) -> tuple[Extra, ...]:
+    """The extras the config switches on."""
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise errors.UserError(
+            f"config.ema_decay must be in [0, 1) (0: off), got {config.ema_decay}.")
+    return (Ema(config.ema_decay),) if config.ema_decay else ()
+
+
+class TrainState(struct.PyTreeNode):
+    """Step, params, the model's other collections, optimizer state, extras."""
+    step: jax.Array
+    params: PyTree
+    model_state: PyTree  # {"batch_stats": ...}; {} for models without any
+    opt_state: PyTree
+    extras: dict[str, PyTree]  # {extra.name: value}
+    apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    extra_fns: tuple[Extra, ...] = struct.field(pytree_node=False, default=())
+
+    @classmethod
+    def create(cls, *, apply_fn, variables: PyTree, tx, extra_fns=()) -> "TrainState":
+        params = variables["params"]
+        model_state = {k: v for k, v in variables.items() if k != "params"}
+        return cls(step=jnp.zeros((), jnp.int32), params=params,
+                   model_state=model_state, opt_state=tx.init(params),
+                   extras={e.name: e.init(variables) for e in extra_fns},
+                   apply_fn=apply_fn, tx=tx, extra_fns=tuple(extra_fns))
 
     @property
     def variables(self) -> dict[str, PyTree]:
-        """What `apply_fn` takes, and what a params-only restore returns."""
-        return model_variables(self.params, self.batch_stats)
+        """What `apply_fn` takes in training."""
+        return {"params": self.params, **self.model_state}
+
+    @property
+    def eval_variables(self) -> dict[str, PyTree]:
+        """What evaluation uses and a checkpoint's `model` item holds: the
+        variables, or what an extra puts in their place (e.g. the EMA)."""
+        replaced = self._replacement()
+        return self.variables if replaced is None else replaced
+
+    def _replacement(self) -> PyTree | None:
+        for extra in self.extra_fns:
+            replaced = extra.eval_variables(self.extras[extra.name])
+            if replaced is not None:
+                return replaced
+        return None
+
+    def apply_gradients(self, grads: PyTree, model_state: PyTree) -> "TrainState":
+        """One optimizer step; then every extra is updated."""
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        state = self.replace(step=self.step + 1,
+                             params=optax.apply_updates(self.params, updates),
+                             model_state=model_state, opt_state=opt_state)
+        return state.replace(extras={
+            e.name: e.update(state.extras[e.name], state) for e in self.extra_fns})
 
 
-def model_variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
-    variables = {"params": params}
-    if batch_stats:
-        variables["batch_stats"] = batch_stats
-    return variables
+def checkpoint_items(state: TrainState, loop: PyTree) -> dict[str, PyTree]:
+    """The checkpoint of `state` and the loop's running metrics (`loop`).
+
+    `model` holds the evaluation variables alone, so evaluation, sampling and
+    teachers restore them without an optimizer; `train` holds the rest.
+    """
+    train = {"step": state.step, "opt_state": state.opt_state, "loop": loop}
+    if state.extras:
+        train["extras"] = state.extras
+    if state._replacement() is not None:  # pylint: disable=protected-access
+        train["variables"] = state.variables  # the model item holds others
+    return {"model": state.eval_variables, "train": train}
+
+
+def restore_items(state: TrainState, items: dict[str, PyTree]
+                  ) -> tuple[TrainState, PyTree]:
+    """`state` (the template) with the restored `items`; returns it and the
+    loop's running metrics."""
+    train = items["train"]
+    variables = train.get("variables", items["model"])
+    state = state.replace(
+        step=train["step"], params=variables["params"],
+        model_state={k: v for k, v in variables.items() if k != "params"},
+        opt_state=train["opt_state"], extras=train.get("extras", {}))
+    return state, train["loop"]
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int
@@ -58,6 +166,7 @@ def _cosine(config, total_steps):
 
 LR_SCHEDULES = {"constant": _constant, "cosine": _cosine}
 
+# name -> fn(config, learning-rate schedule) -> the optax transformation.
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "sgd": lambda config, lr: optax.sgd(lr, momentum=config.momentum or None),
     "adam": lambda config, lr: optax.adam(lr),
@@ -81,28 +190,27 @@ def init_variables(rng: jax.Array, model: nn.Module,
                    input_shape: tuple[int, ...], input_dtype: Any = jnp.float32
                    ) -> dict[str, PyTree]:
     """Model variables for inputs of `input_shape` (batch axis included)."""
-    return model.init(rng, jnp.zeros(input_shape, input_dtype), train=False)
+    return dict(model.init(rng, jnp.zeros(input_shape, input_dtype), train=False))
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
                        model: nn.Module, input_shape: tuple[int, ...],
                        input_dtype: Any = jnp.float32, total_steps: int = 0
                        ) -> TrainState:
-    """Initialises the model and the optimizer named in the config.
+    """Initialises the model, the optimizer and the extras the config names.
 
     Args:
       rng: the init key.
-      config: names the optimizer and its schedule.
+      config: names the optimizer, its schedule and the extras.
       model: the linen module.
       input_shape: a model input's shape, batch axis included.
       input_dtype: its dtype (int32 for tokens).
       total_steps: the run's length, for decaying schedules.
     """
-    variables = init_variables(rng, model, input_shape, input_dtype)
     return TrainState.create(
-        apply_fn=model.apply, params=variables["params"],
-        tx=create_optimizer(config, total_steps),
-        batch_stats=variables.get("batch_stats", {}))
+        apply_fn=model.apply,
+        variables=init_variables(rng, model, input_shape, input_dtype),
+        tx=create_optimizer(config, total_steps), extra_fns=create_extras(config))
 
 
 def count_params(params: PyTree) -> int:

@@ -1,8 +1,9 @@
 """Pure per-batch functions and the fused multi-step loops built from them.
 
-Nothing here is jitted or does I/O; `train.py` binds the static options (the
-task, batch size, preprocessing) with `functools.partial` and jits once.
+Nothing here is jitted or does I/O; `experiment.py` binds the static options
+(`Pipeline`, batch size, step count) with `functools.partial` and jits once.
 """
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -10,125 +11,158 @@ import jax.numpy as jnp
 from clu import metrics as clu_metrics
 from jax import lax
 
+from research import augment
 from research import state as state_lib
 
 Batch = dict[str, jax.Array]
 PyTree = Any
 
 
-def _constrain(tree: PyTree, sharding: jax.sharding.Sharding | None) -> PyTree:
-    """Pins arrays to `sharding` (the batch split over devices), if given."""
-    if sharding is None:
-        return tree
-    return jax.tree.map(lambda x: lax.with_sharding_constraint(x, sharding), tree)
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """How a step turns stored rows into model inputs and scores the outputs.
+
+    Attributes:
+      objective: model input, loss and metrics (`objectives.Objective`).
+      preprocess_fn: maps raw rows (e.g. uint8 images) to model inputs.
+      augment: `config.augment` for keyed training augmentation, or None.
+      views: test-time views whose logits evaluation averages.
+      gather_fn: `(rows, idx) -> rows[idx]` for rows split over devices
+        (`sharded_data.gather_rows`); None: a plain gather.
+      batch_sharding: how a batch is split over devices.
+    """
+    objective: Any
+    preprocess_fn: Callable[[Batch], Batch]
+    augment: Any = None
+    views: tuple[Callable[[jax.Array], jax.Array], ...] = (lambda x: x,)
+    gather_fn: Callable[[Batch, jax.Array], Batch] | None = None
+    batch_sharding: jax.sharding.Sharding | None = None
+
+    def constrain(self, tree: PyTree) -> PyTree:
+        """Pins arrays to the batch sharding, if any."""
+        if self.batch_sharding is None:
+            return tree
+        return jax.tree.map(
+            lambda x: lax.with_sharding_constraint(x, self.batch_sharding), tree)
 
 
-def train_step(state: state_lib.TrainState, batch: Batch, rng: jax.Array, *,
-               task: Any, grad_accum_steps: int = 1,
-               batch_sharding: jax.sharding.Sharding | None = None
-               ) -> tuple[state_lib.TrainState, clu_metrics.Collection]:
-    """One optimizer step on `batch`. Returns the new state and the metrics.
+def train_step(state: state_lib.TrainState, batch: Batch, rng: jax.Array,
+               aux: PyTree, *, objective: Any, grad_accum_steps: int = 1,
+               constrain: Callable[[PyTree], PyTree] = lambda tree: tree
+               ) -> tuple[state_lib.TrainState, clu_metrics.Collection, jax.Array]:
+    """One optimizer step on `batch`. Returns the new state, the metrics and
+    the loss.
 
     With `grad_accum_steps=k`, the batch is cut into k micro-batches
-    (`batch[i::k]`) whose mean gradients are averaged: the same update as one
-    pass over the whole batch, in 1/k of the activation memory. BatchNorm
+    (`batch[i::k]`) whose gradients are averaged: the same update as one pass
+    over the whole batch, in 1/k of the activation memory. BatchNorm
     statistics then come from each micro-batch in turn.
     """
     rng = jax.random.fold_in(rng, state.step)  # a fresh key for every step
 
-    def loss_fn(params, batch_stats, micro, key):
-        variables = state_lib.model_variables(params, batch_stats)
-        logits, updates = state.apply_fn(
-            variables, task.model_input(micro), train=True, rngs={"dropout": key},
-            mutable=["batch_stats"])
-        losses = task.losses(logits, micro)
-        return losses.mean(), (losses, logits, updates.get("batch_stats", batch_stats))
+    def loss_fn(params, model_state, micro, key):
+        outputs, updates = state.apply_fn(
+            {"params": params, **model_state}, objective.model_input(micro),
+            train=True, rngs={"dropout": key}, mutable=list(model_state))
+        loss, metrics = objective(outputs, micro, params=params, aux=aux, train=True)
+        return loss, (metrics, {**model_state, **updates})
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum_steps == 1:
-        (_, (losses, logits, batch_stats)), grads = grad_fn(
-            state.params, state.batch_stats, batch, rng)
-        metrics = task.metrics(losses, logits, batch)
+        (loss, (metrics, model_state)), grads = grad_fn(
+            state.params, state.model_state, batch, rng)
     else:
         k = grad_accum_steps
-        grads, batch_stats, metrics = None, state.batch_stats, task.metrics_cls.empty()
+        grads, loss, model_state = None, 0.0, state.model_state
+        metrics = objective.metrics_cls.empty()
         for i in range(k):  # unrolled: XLA:CPU convolutions are slow in loops
-            micro = _constrain(jax.tree.map(lambda x: x[i::k], batch), batch_sharding)
-            (_, (losses, logits, batch_stats)), g = grad_fn(
-                state.params, batch_stats, micro, jax.random.fold_in(rng, i))
+            micro = constrain(jax.tree.map(lambda x: x[i::k], batch))
+            (micro_loss, (m, model_state)), g = grad_fn(
+                state.params, model_state, micro, jax.random.fold_in(rng, i))
             grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-            metrics = metrics.merge(task.metrics(losses, logits, micro))
+            metrics, loss = metrics.merge(m), loss + micro_loss / k
         grads = jax.tree.map(lambda g: g / k, grads)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    return state, metrics
+    return state.apply_gradients(grads, model_state), metrics, loss
 
 
 def eval_step(apply_fn: Callable[..., jax.Array], variables: PyTree, batch: Batch,
-              *, task: Any) -> clu_metrics.Collection:
-    """Metrics of one batch; examples with `batch["mask"] == False` do not count."""
-    logits = apply_fn(variables, task.model_input(batch), train=False)
-    return task.metrics(task.losses(logits, batch), logits, batch)
+              aux: PyTree, *, pipeline: Pipeline) -> clu_metrics.Collection:
+    """Metrics of one batch (of raw rows); examples with `batch["mask"] ==
+    False` do not count. The logits of the pipeline's views are averaged."""
+    batch = pipeline.preprocess_fn(batch)
+    inputs = pipeline.objective.model_input(batch)
+    outputs = [apply_fn(variables, view(inputs), train=False)
+               for view in pipeline.views]
+    outputs = outputs[0] if len(outputs) == 1 else sum(outputs) / len(outputs)
+    _, metrics = pipeline.objective(outputs, batch, params=variables["params"],
+                                    aux=aux, train=False)
+    return metrics
+
+
+def next_batch(data: Batch, order: jax.Array, step: jax.Array, batch_size: int,
+               pipeline: Pipeline) -> Batch:
+    """Step `step`'s batch: examples `order[k * batch_size:(k + 1) *
+    batch_size]`, with `k = step % (len(order) // batch_size)`, gathered from
+    the rows on device and preprocessed; `index` holds their example numbers."""
+    offset = (step % (order.shape[0] // batch_size)) * batch_size
+    examples = lax.dynamic_slice_in_dim(order, offset, batch_size)
+    rows = jnp.take(data["row_of"], examples)
+    if pipeline.gather_fn is None:  # replicated data: each device takes its rows
+        rows = pipeline.constrain(rows)
+        batch = jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data["rows"])
+    else:
+        batch = pipeline.gather_fn(data["rows"], rows)
+    batch = pipeline.preprocess_fn(batch)
+    return pipeline.constrain({**batch, "index": examples})
 
 
 def train_steps(state: state_lib.TrainState, totals: clu_metrics.Collection,
-                bad_step: jax.Array, data: Batch, perm: jax.Array, rng: jax.Array,
-                *, num_steps: int, task: Any, batch_size: int,
-                preprocess_fn: Callable[[Batch], Batch],
-                gather_fn: Callable[[Batch, jax.Array], Batch] | None = None,
-                grad_accum_steps: int = 1,
-                batch_sharding: jax.sharding.Sharding | None = None
+                bad_step: jax.Array, data: Batch, order: jax.Array, keys: PyTree,
+                aux: PyTree, *, num_steps: int, batch_size: int,
+                grad_accum_steps: int, pipeline: Pipeline
                 ) -> tuple[state_lib.TrainState, clu_metrics.Collection, jax.Array]:
     """Runs `num_steps` train steps in one call, reading batches on device.
 
-    Step `s` uses rows `perm[k * batch_size:(k + 1) * batch_size]`, with
-    `k = s % (len(perm) // batch_size)`: the data order depends on the step
-    alone, so a run resumed from any step repeats an uninterrupted one exactly.
-    The steps are unrolled, not a `lax.fori_loop`: XLA:CPU runs LeNet's
-    convolutions 2.5x slower inside a while loop (measured, see the README).
+    The data order depends on the step alone (`next_batch`), so a run resumed
+    from any step repeats an uninterrupted one exactly. The steps are
+    unrolled, not a `lax.fori_loop`: XLA:CPU runs LeNet's convolutions 2.5x
+    slower inside a while loop (measured; docs/speed.md).
 
     Args:
       state: the train state; donated by the caller.
       totals: metrics merged so far; this call's steps are merged in.
       bad_step: the first step whose loss was not finite so far, or -1.
-      data: the split's rows on device, each array [rows, ...].
-      perm: this epoch's order of rows, [examples] int32.
-      rng: the run's dropout key; each step folds in its step number.
+      data: `rows` (the split on device, each array [rows, ...]) and `row_of`
+        [examples] int32, the row holding each example.
+      order: this epoch's order of example numbers, [examples] int32.
+      keys: the run's `dropout` and `augment` keys; steps fold in their number.
+      aux: the objective's extra inputs (e.g. a teacher), not differentiated.
       num_steps: how many steps to run (static).
-      task: supplies the model input, losses and metrics.
       batch_size: examples per step.
-      preprocess_fn: maps a raw batch (e.g. uint8 images) to model inputs.
-      gather_fn: `(data, idx) -> data[idx]`, for rows split over devices
-        (`sharded_data.gather_rows`); default a plain gather.
       grad_accum_steps: micro-batches per step (see `train_step`).
-      batch_sharding: how a batch is split over devices.
+      pipeline: how rows become batches and how they are scored.
 
     Returns:
       The new state, the merged metrics and the updated `bad_step`.
     """
-    steps_per_epoch = perm.shape[0] // batch_size
+    steps_per_epoch = order.shape[0] // batch_size
     for _ in range(num_steps):
-        offset = (state.step % steps_per_epoch) * batch_size
-        idx = lax.dynamic_slice_in_dim(perm, offset, batch_size)
-        if gather_fn is None:  # replicated data: each device takes its rows
-            idx = _constrain(idx, batch_sharding)
-            batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
-        else:
-            batch = gather_fn(data, idx)
-        batch = preprocess_fn(batch)
         step = state.step
-        state, metrics = train_step(state, _constrain(batch, batch_sharding), rng,
-                                    task=task, grad_accum_steps=grad_accum_steps,
-                                    batch_sharding=batch_sharding)
-        finite = jnp.isfinite(metrics.loss.total)
-        bad_step = jnp.where((bad_step < 0) & ~finite, step, bad_step)
+        batch = next_batch(data, order, step, batch_size, pipeline)
+        if pipeline.augment is not None:
+            batch = augment.augment_batch(batch, keys["augment"], step,
+                                          step // steps_per_epoch,
+                                          options=pipeline.augment)
+        state, metrics, loss = train_step(
+            state, batch, keys["dropout"], aux, objective=pipeline.objective,
+            grad_accum_steps=grad_accum_steps, constrain=pipeline.constrain)
+        bad_step = jnp.where((bad_step < 0) & ~jnp.isfinite(loss), step, bad_step)
         totals = totals.merge(metrics)
     return state, totals, bad_step
 
 
 def evaluate_batches(apply_fn: Callable[..., jax.Array], variables: PyTree,
-                     data: Batch, *, task: Any,
-                     preprocess_fn: Callable[[Batch], Batch],
-                     batch_sharding: jax.sharding.Sharding | None = None
+                     data: Batch, aux: PyTree, *, pipeline: Pipeline
                      ) -> clu_metrics.Collection:
     """Metrics over a whole split in one call.
 
@@ -137,15 +171,14 @@ def evaluate_batches(apply_fn: Callable[..., jax.Array], variables: PyTree,
       variables: model variables (no optimizer state needed).
       data: arrays [num_batches, batch, ...] with a boolean `mask` that is
         False on the padding.
-      task: supplies the model input, losses and metrics.
-      preprocess_fn: maps a raw batch to model inputs.
-      batch_sharding: how a batch is split over devices.
+      aux: the objective's extra inputs.
+      pipeline: preprocessing, views and scoring.
     """
     def body(i, totals):
-        batch = _constrain(jax.tree.map(
-            lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), data),
-            batch_sharding)
-        batch = {**preprocess_fn(batch), "mask": batch["mask"]}
-        return totals.merge(eval_step(apply_fn, variables, batch, task=task))
+        batch = pipeline.constrain(jax.tree.map(
+            lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), data))
+        return totals.merge(eval_step(apply_fn, variables, batch, aux,
+                                      pipeline=pipeline))
 
-    return lax.fori_loop(0, data["mask"].shape[0], body, task.metrics_cls.empty())
+    return lax.fori_loop(0, data["mask"].shape[0], body,
+                         pipeline.objective.metrics_cls.empty())

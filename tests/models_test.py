@@ -54,16 +54,14 @@ class LeNetTest(absltest.TestCase):
 def test_lenet_falls_back_to_xla_without_the_kernels(monkeypatch):
     """Where the C++ kernels are missing (or JAX is not on CPU), "auto" runs
     flax's convolutions and "kernel" is refused before any compute."""
-    from research import config_lib, kernels  # pylint: disable=g-import-not-at-top
-    from research.models import batch_minor_conv  # pylint: disable=g-import-not-at-top
-    from tests import conftest  # pylint: disable=g-import-not-at-top
+    from research import kernels  # pylint: disable=g-import-not-at-top
+    from research.models import impl  # pylint: disable=g-import-not-at-top
     monkeypatch.setattr(kernels, "available", lambda: False)
     monkeypatch.setattr(kernels, "load_error", lambda: "not built (test)")
-    assert batch_minor_conv.resolve("auto") == "xla"
+    assert impl.resolve("auto", "conv_impl") == "xla"
     model = models.create_model("lenet")
     variables = state_lib.init_variables(jax.random.key(0), model, (1, 32, 32, 3))
     jaxpr = str(jax.make_jaxpr(model.apply)(variables, jnp.zeros((4, 32, 32, 3))))
     assert "conv_general_dilated" in jaxpr and "ffi_call" not in jaxpr
     with pytest.raises(errors.UserError, match="not built"):
-        config_lib.validate(config_lib.load_config(
-            f"{conftest.CONFIGS}/cifar_cnn.py", {"model_kwargs.conv_impl": "kernel"}))
+        models.create_model("lenet", conv_impl="kernel")

@@ -40,7 +40,7 @@ def _max_diff(a, b) -> float:
 
 def _worker(workdir: str) -> dict:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from research import errors, evaluate, parallel, train, writers  # noqa: E401
+    from research import errors, experiment, parallel, train, writers  # noqa: E401
     from tests import train_test  # pylint: disable=g-import-not-at-top
     assert jax.device_count() == 8
     out = {}
@@ -55,7 +55,8 @@ def _worker(workdir: str) -> dict:
             with tfds.testing.mock_data(num_examples=train_test.NUM_EXAMPLES):
                 train.train_and_evaluate(config, run_dir)
             one_device = parallel.create_mesh(1)
-            variables, _ = evaluate.restore_variables(config, run_dir, mesh=one_device)
+            variables = experiment.restore_variables(config, run_dir,
+                                                     mesh=one_device).variables
             params[devices] = variables
             losses[devices] = [r["train/loss"] for r in writers.read_metrics(run_dir)
                                if "train/loss" in r]
@@ -70,8 +71,8 @@ def _worker(workdir: str) -> dict:
         config = rnn_test.tiny_config(num_devices=devices)
         run_dir = os.path.join(workdir, f"rnn_{devices}")
         result = rnn_test.mocked(train.train_and_evaluate, config, run_dir)
-        variables, _ = evaluate.restore_variables(config, run_dir,
-                                                  mesh=parallel.create_mesh(1))
+        variables = experiment.restore_variables(config, run_dir,
+                                                 mesh=parallel.create_mesh(1)).variables
         rnn[devices] = (variables, result["eval/loss"])
     out["char_rnn"] = {"max_param_diff": _max_diff(rnn[1][0], rnn[2][0]),
                        "eval_loss": [rnn[1][1], rnn[2][1]]}
@@ -118,14 +119,13 @@ def test_indivisible_batch_names_both_numbers(eight_devices):
 # --- gradient accumulation (one device, in process) -------------------------
 
 def test_gradient_accumulation_equals_the_large_batch():
-    from research import steps  # pylint: disable=g-import-not-at-top
     from tests import steps_test  # pylint: disable=g-import-not-at-top
     state, data = steps_test._setup(learning_rate=0.1)
     batch = jax.tree.map(lambda a: a[:16], data)
-    step = functools.partial(steps.train_step, task=steps_test.TASK)
     # pylint: disable-next=protected-access
-    whole, m_whole = jax.jit(step)(state, batch, jax.random.key(0))
-    accum, m_accum = jax.jit(functools.partial(step, grad_accum_steps=4))(
+    whole, m_whole = steps_test._train_step()(state, batch, jax.random.key(0))
+    # pylint: disable-next=protected-access
+    accum, m_accum = steps_test._train_step(grad_accum_steps=4)(
         state, batch, jax.random.key(0))
     assert _max_diff(whole.params, accum.params) < 1e-6
     assert _max_diff(whole.params, state.params) > 1e-3  # the step did move
@@ -161,7 +161,7 @@ def test_two_processes_train_save_and_restore_on_one_device(tmp_path):
     examples for every sub-split: each process must read only its half.
     """
     # pylint: disable-next=g-import-not-at-top
-    from research import evaluate, train, writers
+    from research import experiment, train, writers
     from tests import tiny_tfds, train_test  # pylint: disable=g-import-not-at-top
     data_dir = str(tmp_path / "tfds")
     tiny_tfds.prepare(data_dir)
@@ -190,9 +190,9 @@ def test_two_processes_train_save_and_restore_on_one_device(tmp_path):
                                     **data)
     single = str(tmp_path / "single")
     one_result = train.train_and_evaluate(config, single)
-    two, step = evaluate.restore_variables(config, workdir)
+    two, step, _ = experiment.restore_variables(config, workdir)
     assert step == 12
-    one, _ = evaluate.restore_variables(config, single)
+    one = experiment.restore_variables(config, single).variables
     assert _max_diff(two, one) < TOLERANCE
     # The 2-process run's final evaluation (each device scoring the rows it
     # holds) agrees with the single process's.

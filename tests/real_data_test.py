@@ -20,11 +20,12 @@ CONFIG = os.path.join(conftest.CONFIGS, "cifar_cnn.py")
 
 def test_real_splits_are_whole():
     config = config_lib.load_config(CONFIG)
-    test = input_pipeline.load_split(config, "test")
+    cifar = input_pipeline.get_dataset("cifar10")
+    test = cifar.load(config, "test")
     assert test["image"].shape == (10_000, 32, 32, 3)
     assert sorted(set(test["label"].tolist())) == list(range(10))
     with pytest.raises(errors.UserError, match=r"Bad split 'train\[:abc\]'"):
-        input_pipeline.load_split(config, "train[:abc]")
+        cifar.load(config, "train[:abc]")
 
 
 def test_one_epoch_of_the_seed_recipe_learns(tmp_path):

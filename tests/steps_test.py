@@ -9,15 +9,17 @@ import optax
 from absl.testing import absltest
 
 from research import config_lib
+from research import input_pipeline
 from research import models
+from research import objectives
 from research import state as state_lib
 from research import steps
-from research import tasks
-from research import input_pipeline
 from tests import conftest
 
-TASK = tasks.get_task("classification")
+OBJECTIVE = objectives.Classification()
 IDENTITY = lambda batch: batch  # noqa: E731  (float inputs need no preprocessing)
+PIPELINE = steps.Pipeline(objective=OBJECTIVE, preprocess_fn=IDENTITY)
+KEYS = {"dropout": jax.random.key(3), "augment": jax.random.key(4)}
 
 
 def _setup(learning_rate=0.01, n=32):
@@ -33,9 +35,19 @@ def _setup(learning_rate=0.01, n=32):
 
 
 def _chunk_fn(num_steps, batch_size=4):
-    return jax.jit(functools.partial(
-        steps.train_steps, num_steps=num_steps, task=TASK, batch_size=batch_size,
-        preprocess_fn=IDENTITY))
+    chunk = jax.jit(functools.partial(
+        steps.train_steps, num_steps=num_steps, batch_size=batch_size,
+        grad_accum_steps=1, pipeline=PIPELINE))
+
+    def run(state, totals, bad, data, order):
+        rows = {"rows": data, "row_of": jnp.arange(order.shape[0], dtype=jnp.int32)}
+        return chunk(state, totals, bad, rows, order, KEYS, {})
+    return run
+
+
+def _train_step(**kwargs):
+    return jax.jit(lambda state, batch, key: steps.train_step(
+        state, batch, key, {}, objective=OBJECTIVE, **kwargs)[:2])
 
 
 class TrainStepTest(absltest.TestCase):
@@ -43,7 +55,7 @@ class TrainStepTest(absltest.TestCase):
     def test_loss_falls_on_a_fixed_batch_and_params_change(self):
         state, data = _setup(learning_rate=0.03)
         batch = jax.tree.map(lambda a: a[:8], data)
-        step = jax.jit(functools.partial(steps.train_step, task=TASK))
+        step = _train_step()
         first = None
         initial = state.params
         for _ in range(20):
@@ -70,7 +82,7 @@ class TrainStepTest(absltest.TestCase):
                 logits, batch["label"]).mean()
 
         grads = jax.grad(loss_fn)(state.params)
-        new_state, _ = steps.train_step(state, batch, jax.random.key(0), task=TASK)
+        new_state, _ = _train_step()(state, batch, jax.random.key(0))
         # First momentum step: trace = grad, params -= lr * grad.
         expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
         jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
@@ -79,12 +91,12 @@ class TrainStepTest(absltest.TestCase):
     def test_fused_chunk_equals_single_steps_bitwise(self):
         state, data = _setup()
         perm = jax.random.permutation(jax.random.key(2), 32).astype(jnp.int32)
-        empty = TASK.metrics_cls.empty
+        empty = OBJECTIVE.metrics_cls.empty
         one, four = _chunk_fn(1), _chunk_fn(4)
-        a, ta, _ = four(state, empty(), jnp.int32(-1), data, perm, jax.random.key(3))
+        a, ta, _ = four(state, empty(), jnp.int32(-1), data, perm)
         b, tb = state, empty()
         for _ in range(4):
-            b, tb, _ = one(b, tb, jnp.int32(-1), data, perm, jax.random.key(3))
+            b, tb, _ = one(b, tb, jnp.int32(-1), data, perm)
         self.assertEqual(int(a.step), 4)
         jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
         self.assertEqual(float(ta.compute()["loss"]), float(tb.compute()["loss"]))
@@ -92,11 +104,11 @@ class TrainStepTest(absltest.TestCase):
     def test_batches_follow_the_permutation(self):
         state, data = _setup(learning_rate=1e-9)
         perm = jnp.arange(32, dtype=jnp.int32)[::-1]
-        _, totals, _ = _chunk_fn(8)(state, TASK.metrics_cls.empty(), jnp.int32(-1),
-                                    data, perm, jax.random.key(0))
+        _, totals, _ = _chunk_fn(8)(state, OBJECTIVE.metrics_cls.empty(),
+                                    jnp.int32(-1), data, perm)
         # 8 steps x 4 = every example exactly once: the epoch's mean loss.
         logits = state.apply_fn({"params": state.params}, data["image"])
-        expected = TASK.losses(logits, data).mean()
+        expected = OBJECTIVE.losses(logits, data["label"], False).mean()
         np.testing.assert_allclose(float(totals.compute()["loss"]), float(expected),
                                    rtol=1e-5)
 
@@ -104,8 +116,8 @@ class TrainStepTest(absltest.TestCase):
         state, data = _setup()
         perm = jnp.arange(32, dtype=jnp.int32)
         data["image"] = data["image"].at[9].set(jnp.nan)  # read by step 2 (8..11)
-        _, _, bad = _chunk_fn(4)(state, TASK.metrics_cls.empty(), jnp.int32(-1),
-                                 data, perm, jax.random.key(0))
+        _, _, bad = _chunk_fn(4)(state, OBJECTIVE.metrics_cls.empty(), jnp.int32(-1),
+                                 data, perm)
         self.assertEqual(int(bad), 2)
 
 
@@ -117,12 +129,13 @@ class EvaluateTest(absltest.TestCase):
         padded = input_pipeline.pad_to_batches(raw, 8)
         self.assertEqual(padded["image"].shape, (5, 8, 32, 32, 3))
         self.assertEqual(int(padded["mask"].sum()), 37)
-        totals = steps.evaluate_batches(state.apply_fn, state.variables, padded,
-                                        task=TASK, preprocess_fn=IDENTITY)
+        totals = steps.evaluate_batches(state.apply_fn, state.variables, padded, {},
+                                        pipeline=PIPELINE)
         logits = state.apply_fn(state.variables, data["image"])
         result = totals.compute()
         np.testing.assert_allclose(float(result["loss"]),
-                                   float(TASK.losses(logits, data).mean()), rtol=1e-5)
+                                   float(OBJECTIVE.losses(logits, data["label"],
+                                                          False).mean()), rtol=1e-5)
         np.testing.assert_allclose(
             float(result["accuracy"]),
             float((logits.argmax(-1) == data["label"]).mean()), rtol=1e-6)

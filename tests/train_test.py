@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from research import config_lib
 from research import errors
 from research import evaluate
+from research import experiment
 from research import main
 from research import train
 from research import writers
@@ -41,7 +42,7 @@ def mocked(fn, *args, **kwargs):
 
 
 def final_params(config, workdir, step=None):
-    variables, _ = evaluate.restore_variables(config, workdir, step)
+    variables = experiment.restore_variables(config, workdir, step).variables
     return jax.tree.map(np.asarray, variables["params"])
 
 
@@ -157,7 +158,7 @@ def test_checkpoints_of_another_model_stop_with_clear_error(straight_run, tmp_pa
     _, straight_dir, _ = straight_run
     workdir = str(tmp_path / "other")
     shutil.copytree(straight_dir, workdir)
-    config = tiny_config(model_kwargs={"num_classes": 5})
+    config = tiny_config(model_kwargs={"num_classes": 12})  # another head
     with pytest.raises(errors.UserError, match="None of the 3 checkpoints"):
         mocked(train.train_and_evaluate, config, workdir)
     assert saved_steps(workdir) == [6, 8, 12]  # nothing moved or deleted

@@ -1,11 +1,23 @@
 """Optional C++ CPU kernels, compiled at install time (setup.py) and called
-through `jax.ffi`. Everything that uses them has an XLA fallback."""
+through `jax.ffi`.
+
+Everything kernel-specific lives in this package: loading the library, which
+implementation a model option resolves to, and running a kernel per device
+under `shard_map`. Models import it optionally (`research.models.impl`); with
+this folder removed, every model runs on XLA.
+"""
+import contextlib
 import ctypes
 import functools
 import glob
 import os
+from typing import Callable
 
+from absl import logging
 import jax
+from jax.sharding import PartitionSpec as P
+
+from research import parallel
 
 _TARGETS = {"research_conv_fwd": "ResearchConvFwd",
             "research_conv_dw": "ResearchConvDw",
@@ -14,7 +26,7 @@ _TARGETS = {"research_conv_fwd": "ResearchConvFwd",
             "research_lstm_fwd": "ResearchLstmFwd",
             "research_lstm_bwd": "ResearchLstmBwd"}
 IMPLS = ("auto", "kernel", "xla")
-DATA_AXIS = "data"  # parallel.DATA_AXIS (models do not import the trainer)
+_forced_xla = [False]  # set by `xla_only()`
 
 
 @functools.cache
@@ -42,21 +54,61 @@ def available() -> bool:
 
 def resolve(impl: str, field: str) -> str:
     """Which implementation a model option (`field`, e.g. "conv_impl") runs:
-    'auto' is the kernel where it can run (built, on CPU), else XLA."""
+    'auto' is the kernel where it can run (built, on CPU), else XLA.
+
+    Raises:
+      ValueError: an unknown `impl`, or 'kernel' where the kernels cannot run.
+    """
     if impl not in IMPLS:
         raise ValueError(f"{field}={impl!r}; choose from {IMPLS}.")
+    if _forced_xla[0]:
+        return "xla"
     if impl == "auto":
-        return "kernel" if available() else "xla"
-    if impl == "kernel" and not available():
+        chosen = "kernel" if available() else "xla"
+    elif impl == "kernel" and not available():
         why = load_error() or "JAX is not running on the CPU"
-        raise RuntimeError(f"{field}='kernel' but {why}; use 'auto' or 'xla'.")
-    return impl
+        raise ValueError(f"{field}='kernel' but {why}; use 'auto' or 'xla'.")
+    else:
+        chosen = impl
+    _log_choice(field, impl, chosen)
+    return chosen
+
+
+@functools.cache
+def _log_choice(field: str, impl: str, chosen: str) -> None:
+    logging.info("%s=%r runs on %s.", field, impl,
+                 "the C++ CPU kernel" if chosen == "kernel" else "XLA")
+
+
+@contextlib.contextmanager
+def xla_only():
+    """Every model option resolves to XLA inside: e.g. to count a model's FLOPs
+    with XLA's cost analysis, which cannot see into custom calls."""
+    _forced_xla[0] = True
+    try:
+        yield
+    finally:
+        _forced_xla[0] = False
 
 
 def data_parallel_size() -> int:
     """Devices on the data axis of the mesh being traced under (`jax.set_mesh`,
-    as the trainer does), else 1: kernels then run per device (shard_map)."""
+    as the trainer does), else 1."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+    if mesh.empty or parallel.DATA_AXIS not in mesh.axis_names:
         return 1
-    return mesh.shape[DATA_AXIS]
+    return mesh.shape[parallel.DATA_AXIS]
+
+
+def per_device(fn: Callable, batched: tuple[bool, ...], *args: jax.Array):
+    """`fn(*args)` run on each device's rows of the batched args (leading axis
+    split over the data axis); the other args are replicated, and shard_map's
+    transpose sums their gradients. Runs `fn` whole on one device, or where
+    the batch does not divide."""
+    devices = data_parallel_size()
+    leading = [a.shape[0] for a, b in zip(args, batched) if b]
+    if devices == 1 or any(n % devices for n in leading):
+        return fn(*args)
+    specs = tuple(P(parallel.DATA_AXIS) if b else P() for b in batched)
+    return jax.shard_map(fn, in_specs=specs, out_specs=P(parallel.DATA_AXIS),
+                         check_vma=False)(*args)

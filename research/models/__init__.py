@@ -21,6 +21,6 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             f"Unknown model {name!r}; choose from {sorted(MODELS)}.")
     try:
         return MODELS[name](**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise errors.UserError(
             f"Bad config.model_kwargs for model {name!r}: {e}") from None

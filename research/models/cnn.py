@@ -5,8 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from research import kernels
-from research.models import batch_minor_conv
+from research.models import impl as impl_lib
 
 
 def _torch_uniform(fan_in: int) -> nn.initializers.Initializer:
@@ -30,18 +29,23 @@ class LeNet(nn.Module):
     dense 120 -> relu -> dense 84 -> relu -> dense num_classes.
 
     `conv_impl`: "xla" runs flax's NHWC convolutions; "kernel" runs the
-    convolutions batch-minor in the C++ CPU kernel (`batch_minor_conv`);
-    "auto" takes the kernel where it is built and JAX runs on the CPU. The
-    parameters are the same in every case, so checkpoints are interchangeable.
+    convolutions batch-minor in the C++ CPU kernel (`research/kernels/
+    conv.py`); "auto" takes the kernel where it is built and JAX runs on the
+    CPU. The parameters are the same in every case, so checkpoints are
+    interchangeable.
     """
     num_classes: int = 10
     conv_impl: str = "auto"
+
+    def __post_init__(self):
+        impl_lib.resolve(self.conv_impl, "conv_impl")  # a bad value fails here
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Maps images [batch, 32, 32, 3] in [0, 1] to logits [batch, classes]."""
         del train  # No dropout or batch norm in the seed's model.
-        if batch_minor_conv.resolve(self.conv_impl) == "kernel":
+        if impl_lib.resolve(self.conv_impl, "conv_impl") == "kernel":
             x = self._batch_minor_features(x)
         else:
             for features in (6, 16):
@@ -61,13 +65,14 @@ class LeNet(nn.Module):
 
     def _batch_minor_features(self, x: jax.Array) -> jax.Array:
         """The two conv blocks, batch-minor; returns NHWC features."""
+        bmc = impl_lib.conv_kernel
         n = x.shape[0]
-        lanes = batch_minor_conv.lanes_for(n // kernels.data_parallel_size())
-        x = batch_minor_conv.to_blocks(x, lanes)
+        lanes = bmc.lanes_for(n // impl_lib.kernels().data_parallel_size())
+        x = bmc.to_blocks(x, lanes)
         for i, features in enumerate((6, 16)):
             # Named as nn.Conv names itself: the same parameter tree.
             x = _BatchMinorConv(features, 5, self.conv_impl, name=f"Conv_{i}")(x)
-        return batch_minor_conv.from_blocks(x, n)
+        return bmc.from_blocks(x, n)
 
 
 class _BatchMinorConv(nn.Module):
@@ -83,8 +88,8 @@ class _BatchMinorConv(nn.Module):
         init = _torch_uniform(k * k * channels)
         kernel = self.param("kernel", init, (k, k, channels, self.features))
         bias = self.param("bias", init, (self.features,))
-        return batch_minor_conv.bias_relu_pool(
-            batch_minor_conv.conv(x, kernel, self.impl), bias, self.impl)
+        bmc = impl_lib.conv_kernel
+        return bmc.bias_relu_pool(bmc.conv(x, kernel, self.impl), bias, self.impl)
 
 
 class ConvNet(nn.Module):

@@ -6,18 +6,14 @@ Here the backward loop only propagates `dz @ W_hh^T`; the weight gradient is
 one [hidden, T * batch] x [T * batch, 4 hidden] matmul after it, as cuDNN and
 PyTorch do. The forward stores the gate activations for the backward.
 
-`impl="kernel"` runs both time loops in C++ (`research/kernels/
-lstm_kernels.cc`): XLA:CPU's per-iteration costs kept the scan at 0.75x
-PyTorch. Both compute the same function (tests/rnn_test.py).
+`impl="kernel"` runs both time loops in C++ (`research/kernels/lstm.py`).
+Both compute the same function (tests/rnn_test.py).
 """
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
-from research import kernels
-
-KERNEL_UNITS = 32  # the kernel needs hidden sizes that are multiples of this
+from research.models import impl as impl_lib
 
 
 def _forward(gates_x, w_hh, c0, h0):
@@ -51,21 +47,12 @@ def lstm_sequence(gates_x: jax.Array, w_hh: jax.Array, c0: jax.Array, h0: jax.Ar
     Returns:
       The hidden states [batch, time, hidden] and the final carry (c, h).
     """
-    use_kernel = (kernels.resolve(impl, "lstm_impl") == "kernel"
-                  and w_hh.shape[0] % KERNEL_UNITS == 0
-                  and gates_x.dtype == jnp.float32)
-    if not use_kernel:  # lax.scan runs over the leading axis: time-major
-        hs, carry = _xla_sequence(gates_x.swapaxes(0, 1), w_hh, c0, h0)
-        return hs.swapaxes(0, 1), carry
-    devices = kernels.data_parallel_size()
-    if devices > 1 and gates_x.shape[0] % devices == 0:
-        # Each device runs its own rows of the batch; shard_map's transpose
-        # sums the weight gradient over devices.
-        batch = P(kernels.DATA_AXIS)
-        return jax.shard_map(_kernel_sequence, in_specs=(batch, P(), batch, batch),
-                             out_specs=(batch, (batch, batch)),
-                             check_vma=False)(gates_x, w_hh, c0, h0)
-    return _kernel_sequence(gates_x, w_hh, c0, h0)
+    if (impl_lib.resolve(impl, "lstm_impl") == "kernel"
+            and impl_lib.lstm_kernel.supports(gates_x, w_hh)):
+        return impl_lib.lstm_kernel.sequence(gates_x, w_hh, c0, h0)
+    # lax.scan runs over the leading axis: time-major.
+    hs, carry = _xla_sequence(gates_x.swapaxes(0, 1), w_hh, c0, h0)
+    return hs.swapaxes(0, 1), carry
 
 
 @jax.custom_vjp
@@ -96,35 +83,3 @@ def _backward(residuals, cotangents):
 
 
 _xla_sequence.defvjp(lambda *args: _forward(*args), _backward)
-
-
-def _kernel_forward(gates_x, w_hh, c0, h0):
-    b, t, _ = gates_x.shape
-    h = w_hh.shape[0]
-    states = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
-    hs, cs, acts = jax.ffi.ffi_call(
-        "research_lstm_fwd", (states, states, jax.ShapeDtypeStruct(gates_x.shape,
-                                                                   jnp.float32)),
-        vmap_method="sequential")(gates_x, w_hh, c0, h0)
-    return (hs, (cs[:, -1], hs[:, -1])), (hs, cs, acts, c0, h0, w_hh)
-
-
-@jax.custom_vjp
-def _kernel_sequence(gates_x, w_hh, c0, h0):
-    return _kernel_forward(gates_x, w_hh, c0, h0)[0]
-
-
-def _kernel_backward(residuals, cotangents):
-    hs, cs, acts, c0, h0, w_hh = residuals
-    d_hs, (d_c, d_h) = cotangents
-    carry = jax.ShapeDtypeStruct(c0.shape, jnp.float32)
-    dz, dc0, dh0 = jax.ffi.ffi_call(
-        "research_lstm_bwd",
-        (jax.ShapeDtypeStruct(acts.shape, jnp.float32), carry, carry),
-        vmap_method="sequential")(d_hs, d_c, d_h, cs, c0, acts, w_hh)
-    h_prev = jnp.concatenate([h0[:, None], hs[:, :-1]], axis=1)
-    d_w = jnp.einsum("bth,btg->hg", h_prev, dz)
-    return dz, d_w, dc0, dh0
-
-
-_kernel_sequence.defvjp(_kernel_forward, _kernel_backward)

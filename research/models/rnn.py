@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from research.models import fused_lstm
+from research.models import impl as impl_lib
 
 Carry = Any  # per layer: (c, h) for an LSTM, h for a GRU; each [batch, hidden]
 
@@ -131,12 +132,16 @@ class CharRNN(nn.Module):
     dropout_rate: float = 0.0
     lstm_impl: str = "auto"
 
+    def __post_init__(self):
+        if self.cell not in GATES:
+            raise ValueError(f"cell={self.cell!r}; choose from {sorted(GATES)}.")
+        impl_lib.resolve(self.lstm_impl, "lstm_impl")  # a bad value fails here
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, tokens: jax.Array, *, train: bool = False,
                  carry: tuple[Carry, ...] | None = None, return_carry: bool = False):
         """Maps tokens [batch, time] to logits [batch, time, vocab] (and carry)."""
-        if self.cell not in GATES:
-            raise ValueError(f"Unknown cell {self.cell!r}; choose from {sorted(GATES)}")
         embed = nn.Embed(self.vocab_size, self.embed_dim, name="embed")
         carries, x = [], None  # x: the previous layer's hidden states
         for layer in range(self.num_layers):

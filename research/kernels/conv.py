@@ -2,21 +2,16 @@
 
 With L images innermost, a CPU vector holds one pixel of L images, so the
 few-channel convolutions of small CNNs run as full-width multiply-adds in
-the C++ kernel (`research/kernels/conv_kernels.cc`); each block of L images
-is contiguous. `conv` runs the kernel or XLA's convolution; both compute the
-same function (tests/conv_test.py).
+the C++ kernel (`conv_kernels.cc`); each block of L images is contiguous.
+`conv` and `bias_relu_pool` run the kernel or, with `impl="xla"`, the same
+function in XLA (the reference of tests/conv_test.py). Multi-device: each
+device runs the kernel on its own blocks (`kernels.per_device`).
 """
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from research import kernels
-
-
-def resolve(impl: str) -> str:
-    """'auto' is the kernel where it can run (built, on CPU), else XLA."""
-    return kernels.resolve(impl, "conv_impl")
 
 
 def lanes_for(n: int) -> int:
@@ -45,8 +40,8 @@ def from_blocks(x: jax.Array, n: int) -> jax.Array:
 def conv(x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array:
     """Valid cross-correlation, stride 1: x [N/L, C, H, W, L] (L = 4, 8 or
     16) and w [K, K, C, O] (flax's HWIO) -> [N/L, O, H-K+1, W-K+1, L]."""
-    if resolve(impl) == "kernel":
-        return _per_device(_kernel_conv, x, w)
+    if kernels.resolve(impl, "conv_impl") == "kernel":
+        return kernels.per_device(_kernel_conv, (True, False), x, w)
     nb, c, h, width, lanes = x.shape
     chwn = x.transpose(1, 2, 3, 0, 4).reshape(c, h, width, nb * lanes)
     y = lax.conv_general_dilated(chwn, w, (1, 1), "VALID",
@@ -59,20 +54,9 @@ def bias_relu_pool(y: jax.Array, bias: jax.Array, impl: str = "auto") -> jax.Arr
     """max_pool(relu(y + bias)) with 2x2 windows: y [N/L, O, H, W, L], bias
     [O] -> [N/L, O, H/2, W/2, L]. The kernel does it in one pass and keeps
     only which input won each window for the gradient."""
-    if resolve(impl) == "kernel":
-        return _per_device(_kernel_bias_relu_pool, y, bias)
+    if kernels.resolve(impl, "conv_impl") == "kernel":
+        return kernels.per_device(_kernel_bias_relu_pool, (True, False), y, bias)
     return max_pool(jax.nn.relu(y + bias[:, None, None, None]))
-
-
-def _per_device(fn, x: jax.Array, *params: jax.Array) -> jax.Array:
-    """fn(x, *params) with x's blocks split over the data axis of the mesh
-    being traced under; shard_map's transpose sums the params' gradients."""
-    devices = kernels.data_parallel_size()
-    if devices > 1 and x.shape[0] % devices == 0:
-        data = P(kernels.DATA_AXIS)
-        return jax.shard_map(fn, in_specs=(data,) + (P(),) * len(params),
-                             out_specs=data, check_vma=False)(x, *params)
-    return fn(x, *params)
 
 
 def max_pool(x: jax.Array, window: int = 2) -> jax.Array:

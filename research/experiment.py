@@ -1,0 +1,162 @@
+"""One build for every mode: a config becomes dataset, objective, model and mesh.
+
+Training, evaluation, sampling and the benchmark all start from `build`; the
+compiled train chunks and the evaluation function are made here and nowhere
+else. `restore_variables` is the one call that loads a checkpoint's model
+(for evaluation, sampling and distillation teachers).
+"""
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from research import augment
+from research import checkpointing
+from research import config_lib
+from research import input_pipeline
+from research import models
+from research import objectives
+from research import parallel
+from research import sharded_data
+from research import state as state_lib
+from research import steps
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """What a config describes, built and checked; no data on devices yet.
+
+    Attributes:
+      config: the experiment config.
+      dataset: its `input_pipeline.DatasetSpec`.
+      info: the dataset's info (e.g. the vocabulary), computed once.
+      objective: its `objectives.Objective`.
+      model: the linen module.
+      mesh: the device mesh it runs on.
+    """
+    config: ml_collections.ConfigDict
+    dataset: input_pipeline.DatasetSpec
+    info: dict[str, Any]
+    objective: objectives.Objective
+    model: nn.Module
+    mesh: jax.sharding.Mesh
+
+    def create_state(self, rng: jax.Array, total_steps: int) -> state_lib.TrainState:
+        """The initial train state, created replicated on every device."""
+        return jax.jit(functools.partial(
+            state_lib.create_train_state, config=self.config, model=self.model,
+            input_shape=input_shape(self.config, self.dataset),
+            input_dtype=self.dataset.input_dtype, total_steps=total_steps),
+            out_shardings=parallel.replicated(self.mesh))(rng)
+
+    def pipeline(self, *, train: bool) -> steps.Pipeline:
+        """How the steps turn rows into batches and score them."""
+        options = self.config.augment if "augment" in self.config else None
+        train_augment = None if augment.is_identity(options) else options
+        return steps.Pipeline(
+            objective=self.objective, preprocess_fn=self.dataset.preprocess,
+            augment=train_augment if train else None,
+            views=augment.views(None if train else options),
+            gather_fn=functools.partial(sharded_data.gather_rows, mesh=self.mesh),
+            batch_sharding=parallel.batch_sharded(self.mesh))
+
+    def train_chunk(self, num_steps: int, batch_size: int | None = None):
+        """`steps.train_steps` jitted as the trainer runs it: state and metrics
+        donated, batches split over the mesh, outputs replicated."""
+        return jax.jit(functools.partial(
+            steps.train_steps, num_steps=num_steps,
+            batch_size=batch_size or self.config.batch_size,
+            grad_accum_steps=self.config.grad_accum_steps,
+            pipeline=self.pipeline(train=True)),
+            out_shardings=parallel.replicated(self.mesh), donate_argnums=(0, 1, 2))
+
+    def eval_fn(self):
+        """`(variables, data, aux) -> metrics` over a whole placed split."""
+        return jax.jit(functools.partial(
+            steps.evaluate_batches, self.model.apply,
+            pipeline=self.pipeline(train=False)),
+            out_shardings=parallel.replicated(self.mesh))
+
+    def aux(self) -> PyTree:
+        """The step's extra inputs (e.g. a teacher's variables), replicated."""
+        load = getattr(self.objective, "load_aux", None)
+        return {} if load is None else load(self.mesh)
+
+    def place_eval(self) -> dict[str, jax.Array]:
+        """The evaluation split on the devices, in `eval_fn`'s layout."""
+        rows = self.dataset.eval_rows(self.config, self.info)
+        return sharded_data.place_eval(rows, self.config.eval_batch_size, self.mesh)
+
+
+def input_shape(config: ml_collections.ConfigDict,
+                dataset: input_pipeline.DatasetSpec) -> tuple[int, ...]:
+    """A model input's shape with a batch axis of 1."""
+    return (1,) + dataset.input_shape(config)
+
+
+def build(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None,
+          info: dict[str, Any] | None = None) -> Experiment:
+    """Checks `config` and builds its parts, before any data is placed.
+
+    Args:
+      config: the experiment config.
+      mesh: the mesh to run on (default: `config.num_devices` devices).
+      info: the dataset's info if known (e.g. from a checkpoint); else it is
+        computed (a text dataset reads its training text for the vocabulary).
+
+    Raises:
+      UserError: a bad config, or a model that does not fit the dataset.
+    """
+    config_lib.validate(config)
+    dataset = input_pipeline.get_dataset(config.dataset)
+    objective = objectives.create_objective(config, dataset.default_objective)
+    model = models.create_model(config.model, **config.model_kwargs)
+    mesh = mesh or parallel.create_mesh(config.num_devices)
+    parallel.check_divisible("batch_size", config.batch_size, mesh,
+                             config.grad_accum_steps)
+    parallel.check_divisible("eval_batch_size", config.eval_batch_size, mesh)
+    info = dataset.info(config) if info is None else info
+    shape = input_shape(config, dataset)
+    outputs = jax.eval_shape(
+        lambda: model.init_with_output(jax.random.key(0),
+                                       jnp.zeros(shape, dataset.input_dtype),
+                                       train=False)[0])
+    objective.check(outputs.shape, info)
+    return Experiment(config, dataset, info, objective, model, mesh)
+
+
+class RestoredModel(NamedTuple):
+    """A checkpoint's model: its variables, step and dataset info."""
+    variables: PyTree
+    step: int
+    info: dict[str, Any]
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str,
+                      step: int | None = None, mesh: jax.sharding.Mesh | None = None
+                      ) -> RestoredModel:
+    """The model variables saved in `workdir` at `step` (default: the latest).
+
+    One call for evaluation, sampling and distillation teachers: it reads the
+    checkpoint's `model` item only (the evaluation variables: the EMA where
+    the run kept one) and builds no optimizer and reads no data. The
+    variables are replicated over `mesh` (default: all devices), whatever the
+    device count the checkpoint was written with.
+    """
+    dataset = input_pipeline.get_dataset(config.dataset)
+    model = models.create_model(config.model, **config.model_kwargs)
+    abstract = jax.eval_shape(functools.partial(
+        state_lib.init_variables, model=model,
+        input_shape=input_shape(config, dataset),
+        input_dtype=dataset.input_dtype), jax.random.key(0))
+    mesh = mesh or parallel.create_mesh(config.num_devices)
+    variables, info, step = checkpointing.restore_model(
+        workdir, checkpointing.with_sharding(abstract, parallel.replicated(mesh)),
+        step)
+    return RestoredModel(variables, step, info)
