@@ -22,9 +22,12 @@ find_python() {
 
 setup() {
   local stamp=.venv/.installed
-  local want
-  # Reinstall when the dependencies or the C++ kernels change.
-  want=$(cat setup.cfg pyproject.toml setup.py research/kernels/*.cc research/kernels/*.h | sha256sum | cut -c1-16)
+  local want files
+  # Reinstall when the dependencies or the C++ kernels (optional) change.
+  shopt -s nullglob
+  files=(setup.cfg pyproject.toml setup.py research/kernels/*.cc research/kernels/*.h)
+  shopt -u nullglob
+  want=$(cat "${files[@]}" | sha256sum | cut -c1-16)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
   if [ ! -x .venv/bin/python ]; then
     local py

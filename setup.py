@@ -37,16 +37,17 @@ class _BuildKernels(build_ext):
 
 
 _FLAGS = shlex.split(os.environ.get("RESEARCH_KERNEL_CFLAGS", "-O3 -march=native"))
+_SOURCES = ["research/kernels/conv_kernels.cc", "research/kernels/lstm_kernels.cc"]
 
 setup(
+    # The kernels are optional: without their sources everything runs on XLA.
     ext_modules=[Extension(
         "research.kernels._conv_kernels",
-        sources=["research/kernels/conv_kernels.cc",
-                 "research/kernels/lstm_kernels.cc"],
+        sources=_SOURCES,
         include_dirs=_jaxlib_include(),
         depends=["research/kernels/simd.h"],
         language="c++",
         extra_compile_args=["-std=c++17", "-w", *_FLAGS],
-        optional=True)],
+        optional=True)] if all(map(os.path.exists, _SOURCES)) else [],
     cmdclass={"build_ext": _BuildKernels},
 )

@@ -6,6 +6,7 @@ when JAX starts (`--xla_force_host_platform_device_count`).
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -200,6 +201,59 @@ def test_two_processes_train_save_and_restore_on_one_device(tmp_path):
     np.testing.assert_allclose(two_metrics[-1]["eval/loss"], one_result["eval/loss"],
                                rtol=1e-5)
     assert two_metrics[-1]["eval/accuracy"] == one_result["eval/accuracy"]
+
+
+def _two_processes(args, tmp_path, name):
+    port = _free_port()
+    return [_spawn(args + [f"--coordinator_address=127.0.0.1:{port}",
+                           "--num_processes=2", "--distributed_timeout_s=60",
+                           f"--process_id={i}"], 2, str(tmp_path / f"{name}{i}.log"))
+            for i in range(2)]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """JAX's preemption service: both processes stop and save at one agreed
+    step; the rerun ends bitwise equal to an uninterrupted 2-process run."""
+    import re  # pylint: disable=g-import-not-at-top
+    from research import config_lib, experiment  # pylint: disable=g-import-not-at-top
+    from tests import tiny_tfds, train_test  # pylint: disable=g-import-not-at-top
+    data_dir = str(tmp_path / "tfds")
+    tiny_tfds.prepare(data_dir)
+    tiny_tfds.register()
+
+    def args(workdir):
+        return [f"--config={train_test.SMOKE}", f"--workdir={workdir}",
+                "--config.train_split=train", "--config.eval_split=test",
+                f"--config.dataset={tiny_tfds.NAME}", f"--config.data_dir={data_dir}",
+                "--config.batch_size=4", "--config.num_epochs=25",
+                "--config.checkpoint_every_steps=1000", "--config.log_every_steps=1000"]
+
+    workdir = str(tmp_path / "stopped")
+    procs = _two_processes(args(workdir), tmp_path, "stop")
+    deadline = time.time() + 240
+    while not (os.path.isdir(os.path.join(workdir, "checkpoints"))
+               and train_test.saved_steps(workdir)):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)  # process 1 alone
+    codes = [p.wait(timeout=120) for p in procs]
+    logs = [(tmp_path / f"stop{i}.log").read_text() for i in range(2)]
+    assert codes == [128 + signal.SIGTERM] * 2, logs[0][-2000:] + logs[1][-2000:]
+    stops = [re.findall(r"Stopped by SIGTERM at step (\d+)", log) for log in logs]
+    assert stops[0] == stops[1] and len(stops[0]) == 1, stops
+    stopped_at = int(stops[0][0])
+    assert 0 < stopped_at < 300 and train_test.saved_steps(workdir)[-1] == stopped_at
+
+    procs = _two_processes(args(workdir), tmp_path, "resume")
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    straight = str(tmp_path / "straight")
+    procs = _two_processes(args(straight), tmp_path, "straight")
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    config = config_lib.load_workdir_config(straight)
+    resumed = experiment.restore_variables(config, workdir)
+    assert resumed.step == 300
+    train_test.assert_trees_equal(
+        resumed.variables, experiment.restore_variables(config, straight).variables)
 
 
 def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
