@@ -27,7 +27,8 @@ def create_manager(workdir: str, keep: int = 3, read_only: bool = False
                    ) -> ocp.CheckpointManager:
     """The run's manager; saves are asynchronous, the newest `keep` are kept."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
+        max_to_keep=None if read_only else keep, create=not read_only,
+        read_only=read_only, save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=True)
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options)
@@ -72,12 +73,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract: dict[str, PyTree]
                 model=ocp.args.StandardRestore(abstract["model"]),
                 train=ocp.args.StandardRestore(abstract["train"])))
         except Exception as e:  # pylint: disable=broad-except
-            logging.error("Checkpoint %s could not be restored: %s: %s",
-                          _step_dir(manager, step), type(e).__name__, e)
+            logging.info("Checkpoint %s could not be restored: %s: %s",
+                         _step_dir(manager, step), type(e).__name__, e)
             failures.append((step, e))
             continue
-        for bad_step, _ in failures:
-            _quarantine(manager, bad_step)
+        for bad_step, error in failures:
+            _quarantine(manager, bad_step, _root_cause(error))
         if failures:
             manager.reload()
         logging.info("Restored checkpoint %s", _step_dir(manager, step))
@@ -87,8 +88,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract: dict[str, PyTree]
     step, error = failures[0]
     raise errors.UserError(
         f"None of the {len(steps)} checkpoints in {manager.directory} could be "
-        f"restored (newest, step {step}: {type(error).__name__}: "
-        f"{str(error).splitlines()[0] if str(error) else ''}). If the config "
+        f"restored (newest, step {step}: {_root_cause(error)}). If the config "
         "changed the model or optimizer, use the config the run was trained with "
         "(config.json in the workdir) or a new --workdir; if the files are damaged, "
         "move the checkpoints folder away to start again. Nothing was changed.")
@@ -119,13 +119,35 @@ def restore_model(workdir: str, abstract_model: PyTree, step: int | None = None
             model=ocp.args.StandardRestore(abstract_model),
             dataset=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
+        logging.info("Checkpoint %s could not be restored: %s",
+                     _step_dir(manager, step), e)
         raise errors.UserError(
             f"Checkpoint {_step_dir(manager, step)} could not be restored "
-            f"({type(e).__name__}: {e}). Pick another with --step "
-            f"(saved: {sorted(steps)}).") from e
+            f"({_root_cause(e)}). If the config describes another model, use the "
+            "one the run saved (--workdir alone); or pick another checkpoint with "
+            f"--step (saved: {sorted(steps)}).") from None
     finally:
         manager.close()
     return restored.model, restored.dataset, step
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The steps of the finished checkpoints in `workdir`, ascending (Orbax
+    writes a checkpoint under a temporary name and renames it when done)."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost message of an exception chain, first line, shortened."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not text.startswith(type(error).__name__):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def with_sharding(abstract: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
@@ -139,7 +161,7 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
     return os.path.join(str(manager.directory), str(step))
 
 
-def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
+def _quarantine(manager: ocp.CheckpointManager, step: int, why: str) -> None:
     source = _step_dir(manager, step)
     base = os.path.join(os.path.dirname(str(manager.directory)), QUARANTINE_DIR,
                         str(step))
@@ -149,5 +171,5 @@ def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
         target = f"{base}.{n}"
     os.makedirs(os.path.dirname(target), exist_ok=True)
     shutil.move(source, target)
-    logging.error("Moved unreadable checkpoint %s to %s; training resumes from "
-                  "an older one.", source, target)
+    logging.warning("Checkpoint %s is unreadable (%s); moved it to %s and resume "
+                    "from an older one.", source, why, target)

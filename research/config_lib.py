@@ -4,6 +4,7 @@ Notebooks and `--mode=eval` need configs without flags: `load_config` reads a
 config file (with an optional `:preset`), `load_workdir_config` reads the one a
 run saved. `validate` runs before any data is read or anything compiled.
 """
+import ast
 import importlib.util
 import json
 import math
@@ -36,7 +37,10 @@ def load_config(spec: str, overrides: dict[str, Any] | None = None
     module_spec = importlib.util.spec_from_file_location("_research_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    config = module.get_config(preset or None) if preset else module.get_config()
+    try:
+        config = module.get_config(preset or None) if preset else module.get_config()
+    except ValueError as e:  # configs raise it for unknown presets
+        raise errors.UserError(f"{path}: {e}") from None
     config.lock()
     for key, value in (overrides or {}).items():
         override(config, key, value)
@@ -58,6 +62,35 @@ def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
         setattr(node, leaf, value)
     except TypeError as e:
         raise errors.UserError(f"Config field {key!r}: {e}") from None
+
+
+def override_from_text(config: ml_collections.ConfigDict, key: str, text: str
+                       ) -> None:
+    """Sets a dotted key from command-line text, parsed as the field's type."""
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name] if name in node else None
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise errors.UserError(f"Unknown config field {key!r}.")
+    if leaf not in node:
+        raise errors.UserError(
+            f"Unknown config field {key!r}; fields here: {sorted(node.keys())}.")
+    current = node[leaf]
+    try:
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError("expected true or false")
+            value = text.lower() in ("true", "1")
+        elif isinstance(current, (int, float)):
+            value = type(current)(text)
+        elif isinstance(current, (tuple, list)):
+            value = tuple(ast.literal_eval(text))
+        else:
+            value = text
+    except (ValueError, SyntaxError) as e:
+        raise errors.UserError(f"--config.{key}={text}: {e}") from None
+    override(config, key, value)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -113,10 +146,17 @@ def _check_choice(field: str, name: str, registry: dict[str, Any]) -> None:
             f"{sorted(registry)}.")
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes the resolved config to `workdir/config.json`."""
-    with open(os.path.join(workdir, CONFIG_JSON), "w") as f:
-        f.write(config.to_json(indent=2, sort_keys=True))
+def save_config(config: ml_collections.ConfigDict, workdir: str,
+                history: list[dict[str, Any]] | None = None) -> None:
+    """Writes the resolved config to `workdir/config.json` (atomically), with
+    the history of changes made on resume under `_history`."""
+    content = config.to_dict()
+    if history:
+        content["_history"] = history
+    path = os.path.join(workdir, CONFIG_JSON)
+    with open(path + ".tmp", "w") as f:
+        json.dump(content, f, indent=2, sort_keys=True, default=list)
+    os.replace(path + ".tmp", path)
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -127,7 +167,9 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
             f"No {CONFIG_JSON} in workdir {workdir!r}: it holds no run. Pass "
             "--config=configs/<name>.py, or point --workdir at a trained run.")
     with open(path) as f:
-        config = ml_collections.ConfigDict(_tuples(json.load(f)))
+        content = json.load(f)
+    content.pop("_history", None)
+    config = ml_collections.ConfigDict(_tuples(content))
     config.lock()
     return config
 

@@ -9,8 +9,11 @@ share of the rows (`Shard`); `sharded_data` places the shares on the devices.
 Adding a dataset is one spec plus a line in `DATASETS`.
 """
 import dataclasses
+import hashlib
+import json
 import os
 import socket
+import sys
 import time
 from typing import Any, Protocol
 
@@ -123,8 +126,8 @@ class ImageClassification:
 
     def load(self, config: ml_collections.ConfigDict, split: str) -> Split:
         parts = _read_tfds(self, config, split, ("image", "label"))
-        return {"image": np.concatenate(parts["image"]).astype(np.uint8),
-                "label": np.concatenate(parts["label"]).astype(np.int32)}
+        return {"image": parts["image"].astype(np.uint8),
+                "label": parts["label"].astype(np.int32)}
 
     def train_rows(self, config: ml_collections.ConfigDict,
                    info: dict[str, Any]) -> Shard:
@@ -187,8 +190,8 @@ class CharacterText:
 
     def text(self, config: ml_collections.ConfigDict, split: str) -> str:
         """A split's text (all its records joined)."""
-        texts = np.concatenate(_read_tfds(self, config, split, ("text",))["text"])
-        return b"".join(texts).decode("utf-8")
+        return b"".join(_read_tfds(self, config, split, ("text",))["text"]).decode(
+            "utf-8")
 
     def vocab(self, config: ml_collections.ConfigDict) -> str:
         """The sorted characters of the training split."""
@@ -266,10 +269,72 @@ def encode(text: str, vocab: str) -> np.ndarray:
 
 
 def _read_tfds(dataset, config: ml_collections.ConfigDict, split: str,
-               features: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
-    """Reads `features` of a TFDS split in batches of numpy arrays."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+               features: tuple[str, ...]) -> Split:
+    """`features` of a TFDS split as whole arrays, from the decoded-split cache
+    when the same files were read before (`cache_dir()`)."""
     data_dir = resolve_data_dir(config)
+    path = _cache_path(dataset.tfds_name, data_dir, split, features)
+    if path is not None and os.path.exists(path):
+        with np.load(path) as cached:
+            arrays = {k: cached[k] for k in features}
+        logging.info("Loaded %s[%s] from the cache %s", dataset.tfds_name, split, path)
+        return arrays
+    arrays = _decode_tfds(dataset, config, data_dir, split, features)
+    if path is not None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(f"{path}.{os.getpid()}.tmp", "wb") as f:
+                # Text records as fixed-width bytes: loading needs no pickle.
+                np.savez(f, **{k: v.astype(bytes) if v.dtype == object else v
+                               for k, v in arrays.items()})
+            os.replace(f"{path}.{os.getpid()}.tmp", path)
+        except OSError as e:  # a cache is an optimisation: never fail for it
+            logging.warning("Could not cache %s[%s] in %s: %s", dataset.tfds_name,
+                            split, path, e)
+    return arrays
+
+
+def cache_dir() -> str:
+    """Where decoded splits (and compiled programs) are cached: $RESEARCH_CACHE_DIR,
+    else ~/.cache/research. Safe to delete at any time."""
+    return os.environ.get("RESEARCH_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "research")
+
+
+def _cache_path(name: str, data_dir: str, split: str, features: tuple[str, ...]
+                ) -> str | None:
+    """The cache file of a split, keyed by what was read: the prepared files'
+    names, sizes and times, the split and the features. None when the
+    dataset is not prepared on disk (e.g. under tfds.testing.mock_data)."""
+    root = os.path.join(data_dir, name)
+    if not os.path.isdir(root) or _tfds_mocked():
+        return None
+    files = []
+    for folder, _, names in os.walk(root):
+        for n in sorted(names):
+            stat = os.stat(os.path.join(folder, n))
+            files.append((os.path.relpath(os.path.join(folder, n), root),
+                          stat.st_size, stat.st_mtime_ns))
+    key = hashlib.sha256(json.dumps([os.path.abspath(root), sorted(files), str(split),
+                                     list(features)]).encode()).hexdigest()[:24]
+    return os.path.join(cache_dir(), "datasets", name, f"{key}.npz")
+
+
+def _tfds_mocked() -> bool:
+    """Whether `tfds.testing.mock_data` is active: it fakes what TFDS reads,
+    so the cache (keyed by the real files) must not answer for it."""
+    tfds = sys.modules.get("tensorflow_datasets")
+    if tfds is None:  # never imported: nothing can be mocked
+        return False
+    as_dataset = tfds.core.dataset_builder.DatasetBuilder.as_dataset
+    return getattr(as_dataset, "__module__", "").startswith(
+        "tensorflow_datasets.testing")
+
+
+def _decode_tfds(dataset, config: ml_collections.ConfigDict, data_dir: str,
+                 split: str, features: tuple[str, ...]) -> Split:
+    """Reads and decodes `features` of a TFDS split with TFDS."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     start = time.perf_counter()
     try:
         try:
@@ -290,8 +355,8 @@ def _read_tfds(dataset, config: ml_collections.ConfigDict, split: str,
             f"or, on a machine with network access, pass --config.download=True."
         ) from None
     except ValueError as e:  # bad split syntax or an unknown split name
-        raise errors.UserError(f"Bad split {split!r} for {dataset.tfds_name}: {e}"
-                               ) from None
+        raise errors.UserError(f"Bad split {split!r} for {dataset.tfds_name}: "
+                               f"{str(e).splitlines()[0]}") from None
     parts = {key: [] for key in features}
     # Never batch_size=-1: it aborts the process under tfds.testing.mock_data.
     for batch in tfds.as_numpy(ds.batch(10_000)):
@@ -299,10 +364,11 @@ def _read_tfds(dataset, config: ml_collections.ConfigDict, split: str,
             parts[key].append(batch[key])
     if not parts[features[0]]:
         raise errors.UserError(f"Split {split!r} of {dataset.tfds_name} is empty.")
-    logging.info("Loaded %s[%s]: %d examples from %s in %.1fs", dataset.tfds_name,
-                 split, sum(len(p) for p in parts[features[0]]), data_dir,
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    logging.info("Decoded %s[%s]: %d examples from %s in %.1fs", dataset.tfds_name,
+                 split, len(arrays[features[0]]), data_dir,
                  time.perf_counter() - start)
-    return parts
+    return arrays
 
 
 def _check_reachable(host: str, name: str, data_dir: str) -> None:

@@ -1,23 +1,33 @@
 """Command-line entry point: flags, logging, and the chosen mode.
 
 python -m research.main --config=configs/cifar_cnn.py [--workdir=runs/cifar_cnn]
-python -m research.main --workdir=runs/cifar_cnn --mode=eval [--step=N]
+python -m research.main --workdir=runs/cifar_cnn --mode=eval [--step=N] \
+    [--config.eval_split=test]
+
+stdout carries the results (a line per epoch, the final metrics, sampled
+text); stderr carries warnings and errors, one line each. The full log is
+in `<workdir>/train.log`; `--verbosity=0` (or higher) also prints it, with
+tracebacks, on stderr.
 """
 import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from research import config_lib
 from research import errors
 from research import evaluate
+from research import input_pipeline
 from research import parallel
 from research import sample
 from research import train
+from research import writers
 
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/cifar_cnn.py[:smoke]; "
@@ -30,6 +40,9 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
                   "continue config.sample.prompt with a text model.")
 flags.DEFINE_integer("step", None, "--mode=eval/sample: the checkpoint step "
                      "to use (default: the latest).")
+flags.DEFINE_bool("allow_config_change", False, "Resume a run whose config "
+                  "changed in a field that changes the experiment (the change "
+                  "is recorded in config.json).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process jobs: host:port of "
                     "process 0 (else read from the cluster's environment, if any).")
 flags.DEFINE_integer("num_processes", None, "Multi-process jobs: how many.")
@@ -37,6 +50,10 @@ flags.DEFINE_integer("process_id", None, "Multi-process jobs: this one's index."
 flags.DEFINE_integer("distributed_timeout_s", 120, "Give up joining a "
                      "multi-process job after this many seconds.")
 FLAGS = flags.FLAGS
+LOG_FILE = "train.log"
+# `--config.<field>=<value>` given with --workdir alone (no --config): applied
+# to the config the workdir saved.
+_workdir_overrides: list[tuple[str, str]] = []
 
 
 def default_workdir(config_spec: str) -> str:
@@ -50,59 +67,196 @@ def run(argv: list[str]) -> dict[str, float]:
     """Runs the mode the parsed flags ask for; returns its final metrics."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.step is not None and FLAGS.mode == "train":
+        raise app.UsageError("--step picks a checkpoint for --mode=eval or sample; "
+                             "training always resumes from the latest checkpoint.")
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, FLAGS.distributed_timeout_s)
-    config = FLAGS.config
-    workdir = FLAGS.workdir
+    config, workdir = _config_and_workdir()
+    _cache_compiled_programs()
+    if FLAGS.mode == "eval":
+        result = evaluate.evaluate(config, workdir, FLAGS.step)
+        writers.report(f"step {result['step']}: " + train.describe(
+            {k: v for k, v in result.items() if k != "step"}, config.eval_split))
+        return result
+    if FLAGS.mode == "sample":
+        text = sample.sample(config, workdir, FLAGS.step)
+        writers.report(text)
+        return {"text": text}
+    _log_to_file(workdir)
+    return train.train_and_evaluate(config, workdir,
+                                    allow_config_change=FLAGS.allow_config_change)
+
+
+def _config_and_workdir():
+    config, workdir = FLAGS.config, FLAGS.workdir
     if config is None:
         if FLAGS.mode == "train" or workdir is None:
             raise app.UsageError("--config is required (e.g. "
-                                 "--config=configs/cifar_cnn.py); --mode=eval may "
-                                 "instead read the config a --workdir saved.")
+                                 "--config=configs/cifar_cnn.py); --mode=eval or "
+                                 "sample may instead read the config a --workdir "
+                                 "saved.")
         config = config_lib.load_workdir_config(workdir)
+        for key, text in _workdir_overrides:
+            config_lib.override_from_text(config, key, text)
     if workdir is None:
         workdir = default_workdir(config_flags.get_config_filename(FLAGS["config"]))
     logging.info("Mode %s, workdir %s, config:\n%s", FLAGS.mode, workdir, config)
-    if FLAGS.mode == "eval":
-        return evaluate.evaluate(config, workdir, FLAGS.step)
-    if FLAGS.mode == "sample":
-        text = sample.sample(config, workdir, FLAGS.step)
-        print(text)
-        return {"text": text}
-    return train.train_and_evaluate(config, workdir)
+    return config, workdir
+
+
+def _cache_compiled_programs() -> None:
+    """JAX's persistent compilation cache, unless the user set one: a rerun of
+    the same config loads its compiled steps instead of compiling them."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.join(input_pipeline.cache_dir(), "jax"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 class _QuietLibraries:
-    """Drops INFO lines of libraries that log every checkpoint file they write."""
+    """Keeps libraries' chatter (every checkpoint file Orbax writes, TFDS's
+    notes) out of the terminal; the log file still has their warnings."""
 
-    _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
+    _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}",
+              f"{os.sep}tensorflow{os.sep}")
+
+    def __init__(self, threshold: int):
+        self.threshold = threshold
 
     def filter(self, record) -> bool:
-        return record.levelno > std_logging.INFO or not any(
+        return record.levelno >= self.threshold or not any(
             part in record.pathname for part in self._NOISY)
 
 
+def _verbose() -> bool:
+    return FLAGS["verbosity"].present
+
+
+def _setup_logging() -> None:
+    """stderr: warnings and errors only, unless --verbosity is given."""
+    handler = logging.get_absl_handler()
+    if _verbose():
+        handler.addFilter(_QuietLibraries(std_logging.WARNING))
+        return
+    handler.setLevel(std_logging.WARNING)
+    # Library errors are reported as one line by `main`; details go to the log.
+    handler.addFilter(_QuietLibraries(std_logging.CRITICAL))
+    # A failed Orbax restore abandons TensorStore reads whose callbacks later
+    # find their event loop closed; TensorStore prints each such error
+    # through sys.excepthook. They are harmless: into the log file with them.
+    sys.excepthook = lambda *exc: logging.info("Background error", exc_info=exc)
+    sys.unraisablehook = lambda u: logging.info("Background error: %s", u.exc_value)
+
+
+def _log_to_file(workdir: str) -> None:
+    """The full log (INFO and up) of a training run, in the workdir."""
+    name = LOG_FILE if jax.process_index() == 0 else f"train.{jax.process_index()}.log"
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        file_handler = std_logging.FileHandler(os.path.join(workdir, name))
+    except OSError:
+        return  # the trainer reports an unusable workdir itself
+    file_handler.setLevel(std_logging.INFO)
+    file_handler.setFormatter(logging.PythonFormatter())
+    file_handler.addFilter(_QuietLibraries(std_logging.WARNING))
+    std_logging.getLogger().addHandler(file_handler)
+
+
+def _fail(message: str, code: int) -> None:
+    logging.info("Exiting with status %d", code, exc_info=True)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _os_error(error: BaseException) -> tuple[int, str] | None:
+    """(errno, what) of the operating-system error behind `error`, if any:
+    an OSError in the chain, or TensorStore's `[os_error_code='N']` (Orbax
+    writes checkpoints through it)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error.errno, error.filename or str(error)
+        found = re.search(r"os_error_code='(\d+)'", str(error))
+        if found:
+            path = re.search(r'local file "([^"]+)"', str(error))
+            return int(found.group(1)), path.group(1) if path else type(error).__name__
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(argv: list[str]) -> None:
-    logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+    _setup_logging()
     try:
         run(argv)
-    except errors.UserError as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (errors.UserError, app.UsageError) as e:
+        _fail(str(e), 2)
+    except train.NonFiniteLossError as e:
+        _fail(str(e), 1)
     except train.Interrupted as e:
         logging.warning("%s", e)
         sys.exit(128 + e.signum)
+    except Exception as e:  # pylint: disable=broad-except
+        if _verbose():
+            raise
+        os_error = _os_error(e)
+        if os_error is not None:
+            code, where = os_error
+            _fail(f"{os.strerror(code)} while writing {where}; free space (or raise "
+                  "the limit), then rerun to resume from the last checkpoint.", 1)
+        _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(the traceback is in the workdir's train.log; rerun with "
+              "--verbosity=0 to print it)", 1)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, plus a one-line error for unknown --config.<field>."""
+    """absl's parser with one-line errors (status 2) for bad flags, unknown
+    or ill-typed config fields, missing config files and unknown presets."""
+    argv = list(argv)
+    if not any(a.startswith("--config=") for a in argv):
+        # Overrides of the config a workdir saved (--mode=eval/sample).
+        for arg in [a for a in argv if a.startswith("--config.")]:
+            key, _, value = arg[len("--config."):].partition("=")
+            _workdir_overrides.append((key, value))
+            argv.remove(arg)
     try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:  # raised by ml_collections
-        print(f"FATAL Flags parsing error: unknown config field: {e}".replace(
-            "\\n", " "), file=sys.stderr)
-        sys.exit(1)
+        rest = FLAGS(argv)
+        spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+                    None)
+        if spec and not os.path.isfile(spec.partition(":")[0]):
+            raise errors.UserError(f"Config file {spec.partition(':')[0]!r} does "
+                                   "not exist.")
+        _ = FLAGS.config  # loads the file: errors surface here, not mid-run
+    except flags.Error as e:
+        print(f"error: {_flag_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError) as e:  # ml_collections: an unknown field
+        message = " ".join(str(e).strip("'\"").replace("\\n", " ").replace(
+            "\\'", "'").replace('\\"', '"').split())
+        print(f"error: unknown config field: {message}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # pylint: disable=broad-except  (config files)
+        print(f"error: bad --config: {_first_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    return rest
+
+
+def _flag_message(error: flags.Error) -> str:
+    """absl's message, with the config file's own error where it wraps one."""
+    first = str(error).splitlines()[0]
+    if error.__cause__ is None and error.__context__ is None:
+        return first
+    return f"{first.rstrip(':')}: {_first_line(error)}"
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost non-empty message of an exception chain, on one line."""
+    messages = []
+    while error is not None:
+        text = str(error).replace("\\n", " ").strip()
+        if text:
+            messages.append(text.splitlines()[0])
+        error = error.__cause__ or error.__context__
+    return messages[-1] if messages else "unknown error"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ steps and stops exactly at the boundaries where a periodic action is due
 costs nothing per step, even at batch 4.
 """
 import contextlib
-import os
 import signal
 import time
 from typing import Any
@@ -24,6 +23,7 @@ from research import loop
 from research import parallel
 from research import sharded_data
 from research import state as state_lib
+from research import workdir as workdir_lib
 from research import writers
 
 PyTree = Any
@@ -44,22 +44,9 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def prepare_workdir(workdir: str) -> None:
-    """Creates `workdir` and checks it is writable, before any compute."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test.{os.getpid()}")  # per process
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise errors.UserError(
-            f"Workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir "
-            "you can write to.") from None
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_after_step: int | None = None) -> dict[str, float]:
+                       stop_after_step: int | None = None,
+                       allow_config_change: bool = False) -> dict[str, float]:
     """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
     Args:
@@ -67,19 +54,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       workdir: where config.json, metrics, TensorBoard events and checkpoints go.
       stop_after_step: save and return at this step even if the run is not
         finished (time-boxed jobs; the resume tests).
+      allow_config_change: resume even if the config changes the experiment
+        (see `workdir.check_resume`).
 
     Returns:
       The last evaluation's metrics ("eval/loss", "eval/accuracy", ...) and
       "step".
 
     Raises:
-      UserError: bad config, data or workdir (before any compute).
+      UserError: bad config, data or workdir, another run holding the workdir,
+        or a config that differs from the run being resumed (before any
+        compute).
       NonFiniteLossError: the loss became NaN/inf; the last checkpoint is kept.
       Interrupted: SIGINT/SIGTERM arrived; the current step was saved.
     """
-    prepare_workdir(workdir)
-    trainer = Trainer(experiment.build(config), workdir)
+    config_lib.validate(config)
+    workdir_lib.prepare(workdir)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(workdir_lib.Lock(workdir))
+        history = workdir_lib.check_resume(workdir, config, allow_config_change)
+        trainer = Trainer(experiment.build(config), workdir, history)
         trainer.manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
         # Every exit path keeps pending saves.
         stack.callback(trainer.manager.close)
@@ -93,9 +87,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 class Trainer:
     """One run's data, state and loop; methods are the loop's steps."""
 
-    def __init__(self, exp: experiment.Experiment, workdir: str):
+    def __init__(self, exp: experiment.Experiment, workdir: str,
+                 history: list[dict[str, Any]]):
         config, mesh = exp.config, exp.mesh
         self.exp, self.config, self.workdir = exp, config, workdir
+        self.history, self.config_saved = history, False
         self.manager = self.writer = None  # set by train_and_evaluate
         train_rows = exp.dataset.train_rows(config, exp.info)
         num_train = sum(train_rows.counts)
@@ -142,15 +138,13 @@ class Trainer:
 
     def run(self, stop_after_step: int | None) -> dict[str, Any]:
         """Trains to the end (or `stop_after_step`); returns the last metrics."""
-        if jax.process_index() == 0:
-            config_lib.save_config(self.config, self.workdir)
         if self.step == 0:
             self.writer.write_hparams(dict(_flatten(self.config.to_dict())))
         self.compile()
         if self.step >= self.total_steps:
-            logging.info("Already trained to step %d; evaluating only.", self.step)
             self.result = self.evaluate()
-            self.writer.write_scalars(self.step, self.result)
+            writers.report(f"already trained to step {self.step}: "
+                           f"{describe(self.result, self.config.eval_split)}")
             return {**self.result, "step": self.step}
         stop = min(self.total_steps, stop_after_step or self.total_steps)
         epoch_ends = frozenset(range(self.steps_per_epoch, self.total_steps + 1,
@@ -170,6 +164,9 @@ class Trainer:
                     raise Interrupted(preemption.signum, self.step)
                 self.fold()
                 loop.run_due(self.step, actions)
+        writers.report(f"trained to step {self.step} in "
+                       f"{time.perf_counter() - self.clock['start']:.1f}s; checkpoint "
+                       f"{self.workdir}/checkpoints/{self.step}")
         return {**self.result, "step": self.step}
 
     def compile(self) -> None:
@@ -198,7 +195,7 @@ class Trainer:
         logging.info("Compiled the train and eval functions in %.2fs.",
                      time.perf_counter() - start)
         self.clock = {"log": (time.perf_counter(), self.step),
-                      "epoch": time.perf_counter()}
+                      "epoch": time.perf_counter(), "start": start}
 
     def advance(self, target: int, preemption: loop.Preemption) -> bool:
         """Runs chunks up to step `target` (never past an epoch's end); False
@@ -262,19 +259,25 @@ class Trainer:
         self.result = self.evaluate()
         self.writer.write_scalars(step, {"epoch": epoch, "epoch/train_loss":
                                          train_loss, **self.result})
-        logging.info("epoch %d/%d: train loss %.4f, %s, %.1fs", epoch,
-                     self.config.num_epochs, train_loss,
-                     describe(self.result, self.config.eval_split),
-                     time.perf_counter() - self.clock["epoch"])
+        writers.report(f"epoch {epoch}/{self.config.num_epochs}: train loss "
+                       f"{train_loss:.4f}, "
+                       f"{describe(self.result, self.config.eval_split)}, "
+                       f"{time.perf_counter() - self.clock['epoch']:.1f}s")
         self.totals["epoch"] = self.empty()
         self.clock["epoch"] = time.perf_counter()
 
     def save(self, step: int) -> None:
+        """Checkpoints `step`. The run's first save completes before config.json
+        is written: a workdir with config.json holds a restorable run."""
         if self.last_saved == step:
             return
         checkpointing.save(self.manager, step, state_lib.checkpoint_items(
             self.state, self.totals), self.config, self.exp.info)
         self.last_saved = step
+        if not self.config_saved:
+            self.manager.wait_until_finished()
+            workdir_lib.save_config(self.config, self.workdir, self.history)
+            self.config_saved = True
 
 
 def _run_keys(seed: int) -> tuple[jax.Array, ...]:

@@ -1,16 +1,34 @@
-"""Metric writers: TensorBoard, the log, and `<workdir>/metrics.jsonl`."""
+"""Metric writers: TensorBoard, the log, `<workdir>/metrics.jsonl`, and the
+one-line reports a run prints on stdout.
+
+TensorBoard events are written with tensorboard's own event-file writer, not
+through TensorFlow (importing TensorFlow costs seconds of start-up, and a
+cached run never needs it).
+"""
 import json
 import os
+import socket
 import time
 from typing import Any, Mapping
 
+from absl import logging
 import jax
-from clu import metric_writers
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.hparams import summary_v2 as hparams_summary
+from tensorboard.summary.writer import record_writer
 
 METRICS_JSONL = "metrics.jsonl"
 
 
-class JsonlWriter(metric_writers.MetricWriter):
+def report(line: str) -> None:
+    """A result line for the user: stdout (process 0) and the log."""
+    logging.info("%s", line)
+    if jax.process_index() == 0:
+        print(line, flush=True)
+
+
+class JsonlWriter:
     """Appends one JSON object per `write_scalars` call: {"step", "time", ...},
     flushed at once, so a crash loses no record written before it.
 
@@ -22,38 +40,70 @@ class JsonlWriter(metric_writers.MetricWriter):
         _drop_records_after(path, resume_step)
         self._file = open(path, "a")
 
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step), "time": time.time()}
         record.update({k: float(v) for k, v in scalars.items()})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
-    def write_hparams(self, hparams: Mapping[str, Any]):
-        pass  # config.json holds them
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        del hparams  # config.json holds them
 
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def flush(self):
-        self._file.flush()
-
-    def close(self):
+    def close(self) -> None:
         self._file.close()
+
+
+class TensorBoardWriter:
+    """Scalars and hparams as a TensorBoard event file in the workdir, each
+    record flushed as it is written. (tensorboard's EventFileWriter would
+    import TensorFlow for its file I/O: seconds of start-up.)"""
+
+    def __init__(self, workdir: str):
+        name = (f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}."
+                f"{os.getpid()}.0")
+        self._records = record_writer.RecordWriter(
+            open(os.path.join(workdir, name), "wb"))
+        self._write(event_pb2.Event(wall_time=time.time(),
+                                    file_version="brain.Event:2"))
+
+    def _write(self, event: event_pb2.Event) -> None:
+        self._records.write(event.SerializeToString())
+        self._records.flush()
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        summary = summary_pb2.Summary(value=[
+            summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+            for k, v in scalars.items()])
+        self._write(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                    summary=summary))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        self._write(event_pb2.Event(
+            wall_time=time.time(), summary=hparams_summary.hparams_pb(dict(hparams))))
+
+    def close(self) -> None:
+        self._records.close()
+
+
+class Writers:
+    """Writes every record to each writer, and the scalars to the log."""
+
+    def __init__(self, writers: list[Any]):
+        self._writers = writers
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}"
+                                                for k, v in scalars.items()))
+        for writer in self._writers:
+            writer.write_scalars(step, scalars)
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        for writer in self._writers:
+            writer.write_hparams(hparams)
+
+    def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
 
 
 def _drop_records_after(path: str, step: int) -> None:
@@ -77,18 +127,16 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
-def create_writer(workdir: str, resume_step: int = 0) -> metric_writers.MetricWriter:
+def create_writer(workdir: str, resume_step: int = 0) -> Writers:
     """TensorBoard + log + JSON lines on process 0; the log alone elsewhere.
 
     `resume_step`: the step the run continues from; later records of an
     earlier attempt are dropped from `metrics.jsonl`.
     """
     if jax.process_index() > 0:
-        return metric_writers.create_default_writer(workdir, just_logging=True)
-    return metric_writers.MultiWriter([
-        metric_writers.create_default_writer(workdir, asynchronous=False),
-        JsonlWriter(os.path.join(workdir, METRICS_JSONL), resume_step),
-    ])
+        return Writers([])
+    return Writers([TensorBoardWriter(workdir),
+                    JsonlWriter(os.path.join(workdir, METRICS_JSONL), resume_step)])
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:

@@ -81,7 +81,7 @@ def test_python_overrides_are_checked():
         config_lib.load_config(path, {"batch_size": "large"})
     with pytest.raises(errors.UserError, match="does not exist"):
         config_lib.load_config("configs/nope.py")
-    with pytest.raises(ValueError, match="Unknown preset"):
+    with pytest.raises(errors.UserError, match="Unknown preset 'huge'"):
         config_lib.load_config(path + ":huge")
 
 

@@ -175,7 +175,8 @@ def test_two_processes_train_save_and_restore_on_one_device(tmp_path):
               f"--config.dataset={tiny_tfds.NAME}", f"--config.data_dir={data_dir}",
               "--config.checkpoint_every_steps=4",
               "--config.log_every_steps=4", f"--coordinator_address=127.0.0.1:{port}",
-              "--num_processes=2", "--distributed_timeout_s=60"]
+              "--num_processes=2", "--distributed_timeout_s=60",
+              "--verbosity=0"]  # the INFO log on stderr, for the asserts below
     procs = [_spawn(common + [f"--process_id={i}"], 2, str(tmp_path / f"p{i}.log"))
              for i in range(2)]
     codes = [p.wait(timeout=300) for p in procs]

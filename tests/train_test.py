@@ -158,9 +158,9 @@ def test_checkpoints_of_another_model_stop_with_clear_error(straight_run, tmp_pa
     _, straight_dir, _ = straight_run
     workdir = str(tmp_path / "other")
     shutil.copytree(straight_dir, workdir)
-    config = tiny_config(model_kwargs={"num_classes": 12})  # another head
+    config = tiny_config(**{"model_kwargs.num_classes": 12})  # another head
     with pytest.raises(errors.UserError, match="None of the 3 checkpoints"):
-        mocked(train.train_and_evaluate, config, workdir)
+        mocked(train.train_and_evaluate, config, workdir, allow_config_change=True)
     assert saved_steps(workdir) == [6, 8, 12]  # nothing moved or deleted
     assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
 
@@ -170,8 +170,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     mocked(train.train_and_evaluate, tiny_config(), workdir, stop_after_step=4)
     with pytest.raises(train.NonFiniteLossError,
                        match=r"Non-finite training loss at step \d+.*step 4"):
-        mocked(train.train_and_evaluate, tiny_config(learning_rate=1e9), workdir)
+        mocked(train.train_and_evaluate, tiny_config(learning_rate=1e9), workdir,
+               allow_config_change=True)
     assert saved_steps(workdir) == [4]
+    # config.json still describes the checkpoint, not the failed attempt.
+    assert config_lib.load_workdir_config(workdir).learning_rate == 0.001
     params = final_params(tiny_config(), workdir)
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
 

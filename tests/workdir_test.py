@@ -1,0 +1,274 @@
+"""Trusting the workdir: one writer, durable metrics, no silent config drift,
+and one-line errors for foreseeable mistakes (`research/workdir.py`, main)."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from research import config_lib
+from research import errors
+from research import train
+from research import workdir as workdir_lib
+from research import writers
+from tests import conftest
+from tests import train_test
+
+SMOKE = train_test.SMOKE
+MOCK = ("--config.train_split=train", "--config.eval_split=test",
+        "--config.data_dir=/nonexistent/tfds")
+# main under mock_data, as a user would run it (a fresh process each time).
+_CHILD = textwrap.dedent("""
+    import sys
+    import tensorflow_datasets as tfds
+    from absl import app
+    from research import main
+    with tfds.testing.mock_data(num_examples={n}):
+        app.run(main.main, argv=sys.argv, flags_parser=main.parse_flags)
+""").format(n=train_test.NUM_EXAMPLES)
+
+
+def _run(*args, limit_file_kb=None, timeout=300):
+    """main in a subprocess; returns (status, stdout, stderr). `limit_file_kb`
+    caps the size of any file it writes (a full disk, as far as it can tell)."""
+    env = {**os.environ, "PYTHONPATH": conftest.REPO}
+    argv = [sys.executable, "-c", _CHILD, *args]
+    if limit_file_kb:
+        argv = ["bash", "-c", f'ulimit -f {limit_file_kb}; exec "$0" "$@"', *argv]
+    proc = subprocess.run(argv, cwd=conftest.REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _spawn(workdir, *args):
+    env = {**os.environ, "PYTHONPATH": conftest.REPO}
+    log = open(workdir + ".log", "ab")  # a file: a full pipe would block the child
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, f"--config={SMOKE}",
+                             f"--workdir={workdir}", *MOCK, *args],
+                            cwd=conftest.REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=log)
+    log.close()
+    return proc
+
+
+def _timeless(records):
+    """metrics.jsonl records without wall times and speeds."""
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")}
+            for r in records]
+
+
+LONG = ("--config.batch_size=1", "--config.num_epochs=30",
+        "--config.checkpoint_every_steps=100", "--config.log_every_steps=50")
+
+
+def _lock_holder(workdir):
+    path = os.path.join(workdir, workdir_lib.LOCK_FILE)
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
+def test_second_writer_stops_at_once_and_the_first_is_untouched(tmp_path):
+    workdir = str(tmp_path / "shared")
+    first = _spawn(workdir, *LONG)
+    deadline = time.time() + 120
+    while not _lock_holder(workdir):
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    start = time.time()
+    status, _, stderr = _run(f"--config={SMOKE}", f"--workdir={workdir}", *MOCK,
+                             "--config.learning_rate=0.5")
+    assert status == 2 and time.time() - start < 60
+    assert f"is in use by pid {first.pid}" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert first.wait(timeout=300) == 0
+    straight = str(tmp_path / "straight")
+    assert _run(f"--config={SMOKE}", f"--workdir={straight}", *MOCK, *LONG)[0] == 0
+    assert _timeless(writers.read_metrics(workdir)) == _timeless(
+        writers.read_metrics(straight))
+    assert config_lib.load_workdir_config(workdir).learning_rate == 0.001
+
+
+def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
+    workdir = str(tmp_path / "stale")
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, workdir_lib.LOCK_FILE), "w") as f:
+        json.dump({"host": "gone", "pid": 999999, "since": 0}, f)
+    with pytest.raises(errors.UserError, match="is in use") as busy:
+        with workdir_lib.Lock(workdir):
+            with workdir_lib.Lock(workdir):
+                pass
+    assert f"pid {os.getpid()}" in str(busy.value)
+    with workdir_lib.Lock(workdir):  # released on the way out
+        pass
+    assert _lock_holder(workdir) == ""
+
+
+def test_metrics_after_sigkill_and_resume_equal_an_uninterrupted_run(tmp_path):
+    workdir = str(tmp_path / "killed")
+    proc = _spawn(workdir, *LONG)
+    deadline = time.time() + 120
+    while len(train_test.saved_steps(workdir) if os.path.isdir(
+            os.path.join(workdir, "checkpoints")) else []) < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 0.5))  # somewhere between checkpoints
+    proc.kill()
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert _spawn(workdir, *LONG).wait(timeout=300) == 0
+    straight = str(tmp_path / "straight")
+    assert _run(f"--config={SMOKE}", f"--workdir={straight}", *MOCK, *LONG)[0] == 0
+    resumed = writers.read_metrics(workdir)
+    steps = [r["step"] for r in resumed]
+    assert steps == sorted(steps)
+    assert _timeless(resumed) == _timeless(writers.read_metrics(straight))
+    assert len([r for r in resumed if "eval/accuracy" in r]) == 30  # every epoch
+
+
+def test_changed_learning_rate_is_refused_and_longer_training_continues(tmp_path):
+    workdir = str(tmp_path / "drift")
+    train_test.mocked(train.train_and_evaluate, train_test.tiny_config(), workdir)
+    with pytest.raises(errors.UserError,
+                       match=r"learning_rate: 0.001 -> 0.1.*--allow_config_change"):
+        train_test.mocked(train.train_and_evaluate,
+                          train_test.tiny_config(learning_rate=0.1), workdir)
+    assert config_lib.load_workdir_config(workdir).learning_rate == 0.001
+    result = train_test.mocked(train.train_and_evaluate,
+                               train_test.tiny_config(num_epochs=3), workdir)
+    assert result["step"] == 18
+    # With the flag the change is made and recorded.
+    train_test.mocked(train.train_and_evaluate,
+                      train_test.tiny_config(num_epochs=4, learning_rate=0.1),
+                      workdir, allow_config_change=True)
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["learning_rate"] == 0.1
+    assert {"field": "learning_rate", "from": 0.001, "to": 0.1} in (
+        saved["_history"][-1]["changes"])
+
+
+def test_vanished_checkpoints_are_refused(tmp_path):
+    workdir = str(tmp_path / "vanished")
+    train_test.mocked(train.train_and_evaluate, train_test.tiny_config(), workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    with pytest.raises(errors.UserError, match="checkpoints are gone"):
+        train_test.mocked(train.train_and_evaluate, train_test.tiny_config(), workdir)
+
+
+def _trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("trained") / "run")
+    assert _run(f"--config={SMOKE}", f"--workdir={workdir}", *MOCK)[0] == 0
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return _trained(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trained_text(tmp_path_factory):
+    """A character model trained on mocked text (letters a-j and spaces)."""
+    workdir = str(tmp_path_factory.mktemp("text") / "run")
+    config = os.path.join(conftest.CONFIGS, "shakespeare_rnn.py:smoke")
+    status, _, stderr = _run(f"--config={config}", f"--workdir={workdir}",
+                             "--config.data_dir=/nonexistent/tfds",
+                             "--config.model_kwargs.vocab_size=11", "--config.seq_len=8",
+                             "--config.batch_size=4", "--config.eval_batch_size=2")
+    assert status == 0, stderr
+    return workdir
+
+
+def _corrupted(trained, tmp_path):
+    workdir = str(tmp_path / "corrupt")
+    shutil.copytree(trained, workdir)
+    for step in train_test.saved_steps(workdir):
+        train_test._corrupt(os.path.join(workdir, "checkpoints", str(step)))  # pylint: disable=protected-access
+    return workdir
+
+
+def _cases(trained, trained_text, tmp_path):
+    """(name, argv, expected status, a phrase of the error)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    text_config = os.path.join(conftest.CONFIGS, "shakespeare_rnn.py:smoke")
+    return [
+        ("missing config", ["--config=configs/nope.py", "--workdir=/tmp/x"], 2,
+         "does not exist"),
+        ("unknown preset", [f"--config={conftest.CONFIGS}/cifar_cnn.py:huge"], 2,
+         "Unknown preset 'huge'"),
+        ("unknown field", [f"--config={SMOKE}", "--config.batch_sise=3"], 2,
+         "batch_size"),
+        ("bad type", [f"--config={SMOKE}", "--config.batch_size=abc"], 2,
+         "invalid literal"),
+        ("warmup beyond the run", [f"--config={SMOKE}", *MOCK,
+                                   f"--workdir={tmp_path / 'w1'}",
+                                   "--config.lr_schedule=cosine",
+                                   "--config.warmup_steps=1000"], 2, "warmup_steps"),
+        ("workdir is a file", [f"--config={SMOKE}", *MOCK, f"--workdir={blocker}"],
+         2, "is a file"),
+        ("--step in train mode", [f"--config={SMOKE}", "--step=3"], 2, "--step"),
+        ("label mismatch", [f"--config={SMOKE}", *MOCK, f"--workdir={tmp_path / 'w2'}",
+                            "--config.model_kwargs.num_classes=5"], 2,
+         "outputs 5 classes but the dataset has 10"),
+        ("model change", [f"--config={SMOKE}", *MOCK, f"--workdir={trained}",
+                          "--allow_config_change", "--config.num_epochs=3",
+                          "--config.model_kwargs.num_classes=12"], 2,
+         "could be restored"),
+        ("corrupt checkpoints", [f"--config={SMOKE}", *MOCK,
+                                 f"--workdir={_corrupted(trained, tmp_path)}",
+                                 "--config.num_epochs=3"], 2, "could be restored"),
+        ("non-finite loss", [f"--config={SMOKE}", *MOCK,
+                             f"--workdir={tmp_path / 'w3'}",
+                             "--config.learning_rate=1e6"], 1,
+         "no checkpoint had been saved"),
+        ("top_k beyond the vocabulary", [
+            "--mode=sample", f"--workdir={trained_text}", "--config.sample.top_k=1000"],
+         2, "top_k=1000 but the model knows only 11 characters"),
+        ("sample from an image model", [
+            f"--config={text_config}", "--mode=sample", f"--workdir={trained}"], 2,
+         "could not be restored"),
+        ("disk full (file size limit)", [f"--config={SMOKE}", *MOCK,
+                                         f"--workdir={tmp_path / 'w4'}"], 1,
+         "File too large while writing"),
+    ]
+
+
+def test_foreseeable_errors_are_one_line(trained, trained_text, tmp_path):
+    """Each case exits with status 2 (usage) or 1 (runtime) and at most 3
+    lines on stderr, without a traceback."""
+    for name, argv, status, phrase in _cases(trained, trained_text, tmp_path):
+        limit = 100 if name.startswith("disk full") else None
+        code, _, stderr = _run(*argv, limit_file_kb=limit)
+        lines = stderr.strip().splitlines()
+        assert code == status and phrase in stderr and len(lines) <= 3, (
+            name, code, stderr[-3000:])
+        assert "Traceback" not in stderr, (name, stderr[-3000:])
+
+
+def test_eval_and_sample_take_overrides_with_the_workdir_alone(trained):
+    code, stdout, stderr = _run("--mode=eval", f"--workdir={trained}",
+                                "--config.eval_split=test[:10]")
+    assert code == 0, stderr
+    assert stdout.startswith("step 12: test[:10] loss"), stdout
+
+
+def test_training_prints_a_line_per_epoch_and_nothing_else(tmp_path):
+    code, stdout, stderr = _run(f"--config={SMOKE}", *MOCK,
+                                f"--workdir={tmp_path / 'quiet'}")
+    assert code == 0, stderr
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 3, stdout
+    assert lines[0].startswith("epoch 1/2: train loss ")
+    assert lines[1].startswith("epoch 2/2: train loss ")
+    assert lines[2].startswith("trained to step 12 in ")
+    assert len(lines) + len(stderr.strip().splitlines()) <= 15, stderr
+    with open(tmp_path / "quiet" / "train.log") as f:
+        assert "Compiled the train and eval functions" in f.read()
