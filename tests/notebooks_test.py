@@ -1,0 +1,91 @@
+"""Notebooks: each runs top to bottom in a fresh kernel; none is saved with outputs.
+
+A notebook takes its parameters from environment variables (as
+`inspect_run.ipynb` reads `WORKDIR`); list it in `EXECUTED` with the variables
+to set. A value may name `{tmp_path}`, the test's own temporary directory.
+"""
+import glob
+import json
+import os
+import sys
+import time
+
+import nbclient
+import nbformat
+import pytest
+from jupyter_client import kernelspec
+from jupyter_client import manager
+
+from tests import conftest
+
+NOTEBOOKS = os.path.join(conftest.REPO, "notebooks")
+# File name -> environment variables for its run.
+EXECUTED = {
+    "foundations.ipynb": {},
+}
+# Notebooks that need fixtures from elsewhere run there instead.
+EXECUTED_ELSEWHERE = {
+    "inspect_run.ipynb": "tests/train_test.py::test_inspect_notebook_runs_on_a_workdir",
+}
+CELL_TIMEOUT_S = 120
+KERNEL = "research-test"
+
+
+def notebook_paths():
+    return sorted(glob.glob(os.path.join(NOTEBOOKS, "*.ipynb")))
+
+
+@pytest.fixture
+def kernel_manager(tmp_path):
+    """A kernel started from this interpreter (the venv), whatever kernelspecs
+    the user has installed."""
+    spec_dir = tmp_path / "kernels" / KERNEL
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
+                 "{connection_file}"],
+        "display_name": "research tests", "language": "python"}))
+    specs = kernelspec.KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
+    return manager.AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=specs)
+
+
+@pytest.mark.parametrize("name", sorted(EXECUTED))
+def test_notebook_runs(name, kernel_manager, tmp_path, monkeypatch):
+    """Executes every cell in order; a cell error fails with its traceback.
+
+    Takes ~15 s for foundations.ipynb: starting a kernel and importing jax and
+    matplotlib is ~5 s of it, the notebook's two jit-compiled trainings most of
+    the rest.
+    """
+    for key, value in {"MPLBACKEND": "Agg", "JAX_PLATFORMS": "cpu",
+                       "PYTHONPATH": conftest.REPO,  # this checkout's `research`
+                       **EXECUTED[name]}.items():
+        monkeypatch.setenv(key, value.format(tmp_path=tmp_path))
+    notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, km=kernel_manager, timeout=CELL_TIMEOUT_S,
+        resources={"metadata": {"path": conftest.REPO}})
+    start = time.perf_counter()
+    client.execute(cleanup_kc=True)  # a passed-in manager is otherwise left running
+    seconds = time.perf_counter() - start
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code), "not every cell ran"
+    errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
+    print(f"{name}: {len(code)} code cells in {seconds:.1f}s")
+
+
+@pytest.mark.parametrize("path", notebook_paths(), ids=os.path.basename)
+def test_notebook_is_saved_without_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    dirty = [i for i, c in enumerate(notebook.cells) if c.cell_type == "code"
+             and (c.outputs or c.execution_count is not None)]
+    assert not dirty, (
+        f"{path}: code cells {dirty} hold outputs or execution counts; clear them "
+        f"(jupyter nbconvert --clear-output --inplace {path}) before committing.")
+
+
+def test_every_notebook_is_executed_by_some_test():
+    names = {os.path.basename(p) for p in notebook_paths()}
+    assert names == set(EXECUTED) | set(EXECUTED_ELSEWHERE)
