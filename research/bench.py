@@ -12,8 +12,9 @@ the state donated); PyTorch runs eagerly in another interpreter
 (`research/bench_torch.py`; `--torch_python`, default $TORCH_PYTHON or
 .venv-torch/bin/python). Warm-up is excluded on both sides; each number is the
 median of `--repeats` timings of `--steps` steps. Model FLOPs come from XLA's
-cost analysis of the compiled step, or are counted for RNNs (XLA counts a loop
-body once); the peak is a float32 matmul timed here.
+cost analysis of the compiled step (the C++ kernels counted as their XLA
+twin), or, for RNNs, from the multiply-adds counted in the traced model (XLA
+counts a loop body once; `costs.py`); the peak is a float32 matmul timed here.
 """
 import functools
 import json
@@ -30,12 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from research import costs
 from research import experiment
 from research import input_pipeline
 from research import parallel
-from research import sharded_data
 from research import steps
-from research.models import impl
 
 config_flags.DEFINE_config_file("config", None, "Config to benchmark.",
                                 lock_config=False)
@@ -64,13 +64,6 @@ def matmul_peak_flops(n: int = 2048) -> float:
     return 2 * n ** 3 / best
 
 
-def _xla_flops(compiled) -> float:
-    analysis = compiled.cost_analysis() or {}
-    if isinstance(analysis, list):  # older jax: one dict per device
-        analysis = analysis[0]
-    return analysis.get("flops", 0.0)
-
-
 def _median_time(fn, steps: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -83,36 +76,15 @@ def _median_time(fn, steps: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _synthetic_split(exp: experiment.Experiment, examples: int
-                     ) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    config = exp.config
-    if isinstance(exp.dataset, input_pipeline.CharacterText):
-        vocab = config.model_kwargs.vocab_size
-        return {"tokens": rng.integers(0, vocab, (examples, config.seq_len + 1),
-                                       dtype=np.int32)}
-    return {"image": rng.integers(0, 256, (examples,) + exp.dataset.image_shape,
-                                  dtype=np.uint8),
-            "label": rng.integers(0, exp.dataset.num_classes, examples,
-                                  dtype=np.int32)}
-
-
-def _model_flops(exp: experiment.Experiment, batch_size: int, lowered_args
+def _model_flops(exp: experiment.Experiment, batch_size: int, args
                  ) -> tuple[float, str]:
     """Model FLOPs of one train step, and where the number comes from."""
-    if exp.config.model == "char_rnn":
-        # XLA's cost analysis counts a while loop's body once, not per step.
-        return char_rnn_train_flops(exp.config, batch_size), "counted"
-    kernels = impl.kernels()
-    if kernels is None or not kernels.available():
-        return _xla_flops(exp.train_chunk(1, batch_size).lower(
-            *lowered_args).compile()), "xla"
-    # XLA does not count custom kernels: count the same model in XLA.
-    with kernels.xla_only():
-        reference = experiment.build(exp.config, mesh=exp.mesh, info=exp.info)
-        state = reference.create_state(jax.random.key(0), 10_000)
-        return _xla_flops(reference.train_chunk(1, batch_size).lower(
-            state, *lowered_args[1:]).compile()), "xla (kernels counted as XLA)"
+    if isinstance(exp.dataset, input_pipeline.CharacterText):
+        # XLA's cost analysis counts a loop's body once, not per time step:
+        # 3 x the forward's multiply-adds x 2 FLOPs (forward, two backward).
+        macs = sum(costs.forward_macs(exp, batch_size).values())
+        return 6.0 * macs, "counted (3 x forward)"
+    return costs.train_step_flops(exp, batch_size, args), "xla"
 
 
 def bench_jax(config, batch_size: int, num_devices: int) -> dict:
@@ -121,25 +93,12 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
                            info={})
     mesh = exp.mesh
     parallel.check_divisible("batch_size", batch_size, mesh, config.grad_accum_steps)
-    examples = batch_size * 8
-    synthetic = _synthetic_split(exp, examples)
-    rows, row_of = sharded_data.place_rows(
-        input_pipeline.Shard(synthetic, (examples,)), mesh)
-    data = {"rows": rows, "row_of": row_of}
-    order = parallel.put_replicated(
-        np.random.default_rng(1).permutation(examples).astype(np.int32), mesh)
-    state = exp.create_state(jax.random.key(0), total_steps=10_000)
-    keys = jax.device_put({"dropout": jax.random.key(1),
-                           "augment": jax.random.key(2)}, parallel.replicated(mesh))
-    empty = parallel.put_replicated(exp.objective.metrics_cls.empty(), mesh)
-    args = (state, empty, parallel.put_replicated(np.int32(-1), mesh), data, order,
-            keys, exp.aux())
-
+    args = costs.train_step_args(exp, batch_size)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = exp.train_chunk(1, batch_size).lower(*args).compile()
-        compile_s = time.perf_counter() - start
-        flops, flops_source = _model_flops(exp, batch_size, args)
+    compile_s = time.perf_counter() - start
+    flops, flops_source = _model_flops(exp, batch_size, args)
     holder = {"carry": args[:3]}
 
     def train_call():  # as in the trainer: metrics stay on device between calls
@@ -149,10 +108,9 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
     jax.block_until_ready(train_call())
     step_s = _median_time(train_call, FLAGS.steps, FLAGS.repeats)
 
-    batch = jax.device_put(
-        {"mask": np.ones(batch_size, bool),
-         **jax.tree.map(lambda a: a[:batch_size], synthetic)},
-        parallel.batch_sharded(mesh))
+    synthetic = costs.synthetic_rows(exp, batch_size)
+    batch = jax.device_put({"mask": np.ones(batch_size, bool), **synthetic},
+                           parallel.batch_sharded(mesh))
     variables = holder["carry"][0].eval_variables
     with jax.set_mesh(mesh):
         eval_fn = jax.jit(functools.partial(
@@ -168,18 +126,6 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
             "eval_per_sec": batch_size * per_example / eval_s,
             "step_ms": 1e3 * step_s, "compile_s": compile_s,
             "model_flops_per_step": flops, "flops_source": flops_source}
-
-
-def char_rnn_train_flops(config, batch_size: int) -> float:
-    """Matmul FLOPs of a CharRNN train step: 3x the forward (fwd + 2 bwd)."""
-    kw = config.model_kwargs
-    gates = {"lstm": 4, "gru": 3}[kw.cell]
-    tokens, hidden = batch_size * config.seq_len, kw.hidden_size
-    forward = 2 * tokens * hidden * kw.vocab_size  # the head
-    for layer in range(kw.num_layers):
-        inputs = kw.embed_dim if layer == 0 else hidden
-        forward += 2 * tokens * (inputs + hidden) * gates * hidden
-    return 3.0 * forward
 
 
 def bench_torch(config, batch_size: int) -> dict | None:

@@ -1,11 +1,28 @@
-"""`--mode=eval`: score a checkpoint's model on the eval split, no optimizer."""
+"""`--mode=eval` and `--mode=plot`: score or draw a checkpoint's model on the
+eval split; no optimizer is built."""
+import os
+from typing import Any
+
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 
 from research import experiment
 from research import parallel
-from research import train
+from research import plots
+from research import writers
+
+PyTree = Any
+
+
+def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None):
+    mesh = parallel.create_mesh(config.num_devices)
+    restored = experiment.restore_variables(config, workdir, step, mesh)
+    # The checkpoint's dataset info (e.g. its vocabulary) saves reading it again.
+    exp = experiment.build(config, mesh=mesh, info=restored.info or None)
+    return restored, exp, exp.place_eval()
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -16,14 +33,48 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       The eval metrics ("eval/loss", "eval/accuracy", ...) over the whole
       `config.eval_split` (with the config's test-time views), and "step".
     """
-    mesh = parallel.create_mesh(config.num_devices)
-    restored = experiment.restore_variables(config, workdir, step, mesh)
-    # The checkpoint's dataset info (e.g. its vocabulary) saves reading it again.
-    exp = experiment.build(config, mesh=mesh, info=restored.info or None)
-    data = exp.place_eval()
-    with jax.set_mesh(mesh):
+    restored, exp, data = _restore(config, workdir, step)
+    with jax.set_mesh(exp.mesh):
         totals = exp.eval_fn()(restored.variables, data, exp.aux())
     result = {f"eval/{k}": float(v) for k, v in totals.compute().items()}
     logging.info("checkpoint step %d, %s[%s]: %s", restored.step, config.dataset,
-                 config.eval_split, train.describe(result, config.eval_split))
+                 config.eval_split, writers.describe(result, config.eval_split))
     return {**result, "step": restored.step}
+
+
+def predictions(exp: experiment.Experiment, variables: PyTree,
+                data: dict[str, jax.Array]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, predicted classes) of every example of a placed eval split,
+    on the host; padding removed."""
+    with jax.set_mesh(exp.mesh):
+        predicted = exp.predict_fn()(variables, data)
+    arrays = {"predicted": predicted, "label": data["label"], "mask": data["mask"]}
+    if jax.process_count() > 1:
+        arrays = multihost_utils.process_allgather(arrays, tiled=True)
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    return arrays["label"][arrays["mask"]], arrays["predicted"][arrays["mask"]]
+
+
+def write_plots(exp: experiment.Experiment, variables: PyTree,
+                data: dict[str, jax.Array], workdir: str) -> list[str]:
+    """The run's curves and, for classifiers, the eval split's confusion
+    matrix, as PNGs in `<workdir>/plots/` (process 0 writes them)."""
+    paths = []
+    if "label" in data:
+        labels, predicted = predictions(exp, variables, data)
+        num_classes = exp.info.get("num_classes") or int(labels.max()) + 1
+        names = exp.info.get("class_names") or [str(i) for i in range(num_classes)]
+        if jax.process_index() == 0:
+            paths.append(plots.plot_confusion_matrix(
+                plots.confusion_matrix(labels, predicted, num_classes), names,
+                os.path.join(workdir, plots.PLOTS_DIR, "confusion_matrix.png")))
+    if jax.process_index() == 0:
+        paths += plots.plot_run(workdir)
+    return paths
+
+
+def plot(config: ml_collections.ConfigDict, workdir: str,
+         step: int | None = None) -> list[str]:
+    """`--mode=plot`: the plots of `write_plots` for an existing workdir."""
+    restored, exp, data = _restore(config, workdir, step)
+    return write_plots(exp, restored.variables, data, workdir)

@@ -83,6 +83,13 @@ class Experiment:
             pipeline=self.pipeline(train=False)),
             out_shardings=parallel.replicated(self.mesh))
 
+    def predict_fn(self):
+        """`(variables, data) -> predicted classes` over a whole placed split."""
+        return jax.jit(functools.partial(
+            steps.predict_batches, self.model.apply,
+            pipeline=self.pipeline(train=False)),
+            out_shardings=parallel.replicated(self.mesh))
+
     def aux(self) -> PyTree:
         """The step's extra inputs (e.g. a teacher's variables), replicated."""
         load = getattr(self.objective, "load_aux", None)

@@ -116,6 +116,7 @@ class ImageClassification:
     image_shape: tuple[int, ...]
     num_classes: int
     download_host: str
+    class_names: tuple[str, ...] = ()
     default_objective: str = "classification"
     input_dtype: Any = jnp.float32
 
@@ -162,7 +163,10 @@ class ImageClassification:
 
     def info(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
         del config
-        return {"num_classes": self.num_classes}
+        info = {"num_classes": self.num_classes}
+        if self.class_names:
+            info["class_names"] = list(self.class_names)
+        return info
 
     def preprocess(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """uint8 pixels to float32 in [0, 1]; runs on device inside the step."""
@@ -244,7 +248,10 @@ class CharacterText:
 
 
 DATASETS = {
-    "cifar10": ImageClassification("cifar10", (32, 32, 3), 10, "www.cs.toronto.edu"),
+    "cifar10": ImageClassification(
+        "cifar10", (32, 32, 3), 10, "www.cs.toronto.edu",
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+         "ship", "truck")),
     "tiny_shakespeare": CharacterText("tiny_shakespeare",
                                       "raw.githubusercontent.com"),
 }

@@ -26,6 +26,7 @@ from research import evaluate
 from research import input_pipeline
 from research import parallel
 from research import sample
+from research import summary
 from research import train
 from research import writers
 
@@ -34,10 +35,13 @@ config_flags.DEFINE_config_file(
     "fields are overridden with --config.<field>=<value>.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output folder for config, metrics and "
                     "checkpoints (default: runs/<config file name>[_<preset>]).")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "plot", "summary"],
                   "train: train (resuming from the workdir's latest checkpoint) "
                   "and evaluate; eval: evaluate a checkpoint only; sample: "
-                  "continue config.sample.prompt with a text model.")
+                  "continue config.sample.prompt with a text model; plot: PNG "
+                  "plots of a workdir's run into <workdir>/plots; summary: the "
+                  "model's parameters, FLOPs, memory and time per epoch, without "
+                  "training.")
 flags.DEFINE_integer("step", None, "--mode=eval/sample: the checkpoint step "
                      "to use (default: the latest).")
 flags.DEFINE_bool("allow_config_change", False, "Resume a run whose config "
@@ -76,13 +80,21 @@ def run(argv: list[str]) -> dict[str, float]:
     _cache_compiled_programs()
     if FLAGS.mode == "eval":
         result = evaluate.evaluate(config, workdir, FLAGS.step)
-        writers.report(f"step {result['step']}: " + train.describe(
+        writers.report(f"step {result['step']}: " + writers.describe(
             {k: v for k, v in result.items() if k != "step"}, config.eval_split))
         return result
     if FLAGS.mode == "sample":
         text = sample.sample(config, workdir, FLAGS.step)
         writers.report(text)
         return {"text": text}
+    if FLAGS.mode == "plot":
+        paths = evaluate.plot(config, workdir, FLAGS.step)
+        writers.report("\n".join(paths))
+        return {"plots": paths}
+    if FLAGS.mode == "summary":
+        result = summary.summarize(config)
+        writers.report(summary.describe(result))
+        return result
     _log_to_file(workdir)
     return train.train_and_evaluate(config, workdir,
                                     allow_config_change=FLAGS.allow_config_change)

@@ -85,15 +85,22 @@ def train_step(state: state_lib.TrainState, batch: Batch, rng: jax.Array,
     return state.apply_gradients(grads, model_state), metrics, loss
 
 
-def eval_step(apply_fn: Callable[..., jax.Array], variables: PyTree, batch: Batch,
-              aux: PyTree, *, pipeline: Pipeline) -> clu_metrics.Collection:
-    """Metrics of one batch (of raw rows); examples with `batch["mask"] ==
-    False` do not count. The logits of the pipeline's views are averaged."""
+def eval_outputs(apply_fn: Callable[..., jax.Array], variables: PyTree,
+                 batch: Batch, *, pipeline: Pipeline) -> tuple[jax.Array, Batch]:
+    """The model's outputs on a batch of raw rows (the logits of the
+    pipeline's views, averaged) and the preprocessed batch."""
     batch = pipeline.preprocess_fn(batch)
     inputs = pipeline.objective.model_input(batch)
     outputs = [apply_fn(variables, view(inputs), train=False)
                for view in pipeline.views]
-    outputs = outputs[0] if len(outputs) == 1 else sum(outputs) / len(outputs)
+    return (outputs[0] if len(outputs) == 1 else sum(outputs) / len(outputs)), batch
+
+
+def eval_step(apply_fn: Callable[..., jax.Array], variables: PyTree, batch: Batch,
+              aux: PyTree, *, pipeline: Pipeline) -> clu_metrics.Collection:
+    """Metrics of one batch (of raw rows); examples with `batch["mask"] ==
+    False` do not count."""
+    outputs, batch = eval_outputs(apply_fn, variables, batch, pipeline=pipeline)
     _, metrics = pipeline.objective(outputs, batch, params=variables["params"],
                                     aux=aux, train=False)
     return metrics
@@ -182,3 +189,15 @@ def evaluate_batches(apply_fn: Callable[..., jax.Array], variables: PyTree,
 
     return lax.fori_loop(0, data["mask"].shape[0], body,
                          pipeline.objective.metrics_cls.empty())
+
+
+def predict_batches(apply_fn: Callable[..., jax.Array], variables: PyTree,
+                    data: Batch, *, pipeline: Pipeline) -> jax.Array:
+    """The predicted class (argmax of the outputs) of every evaluation row,
+    [num_batches, batch, ...] like `data`; padding rows predict anything."""
+    def one(batch):
+        outputs, _ = eval_outputs(apply_fn, variables, pipeline.constrain(batch),
+                                  pipeline=pipeline)
+        return jnp.argmax(outputs, axis=-1).astype(jnp.int32)
+
+    return lax.map(one, data)

@@ -18,6 +18,7 @@ import numpy as np
 from research import checkpointing
 from research import config_lib
 from research import errors
+from research import evaluate
 from research import experiment
 from research import loop
 from research import parallel
@@ -144,7 +145,7 @@ class Trainer:
         if self.step >= self.total_steps:
             self.result = self.evaluate()
             writers.report(f"already trained to step {self.step}: "
-                           f"{describe(self.result, self.config.eval_split)}")
+                           f"{writers.describe(self.result, self.config.eval_split)}")
             return {**self.result, "step": self.step}
         stop = min(self.total_steps, stop_after_step or self.total_steps)
         epoch_ends = frozenset(range(self.steps_per_epoch, self.total_steps + 1,
@@ -167,7 +168,17 @@ class Trainer:
         writers.report(f"trained to step {self.step} in "
                        f"{time.perf_counter() - self.clock['start']:.1f}s; checkpoint "
                        f"{self.workdir}/checkpoints/{self.step}")
+        self.plot()
         return {**self.result, "step": self.step}
+
+    def plot(self) -> None:
+        """Curves and confusion matrix into `<workdir>/plots/`; a plot that
+        fails is a warning, never a failed run."""
+        try:
+            evaluate.write_plots(self.exp, self.state.eval_variables, self.eval_data,
+                                 self.workdir)
+        except (ValueError, OSError) as e:
+            logging.warning("Could not write the plots of %s: %s", self.workdir, e)
 
     def compile(self) -> None:
         """Compiles the train chunks (`steps_per_call` steps, and 1 for the
@@ -261,7 +272,7 @@ class Trainer:
                                          train_loss, **self.result})
         writers.report(f"epoch {epoch}/{self.config.num_epochs}: train loss "
                        f"{train_loss:.4f}, "
-                       f"{describe(self.result, self.config.eval_split)}, "
+                       f"{writers.describe(self.result, self.config.eval_split)}, "
                        f"{time.perf_counter() - self.clock['epoch']:.1f}s")
         self.totals["epoch"] = self.empty()
         self.clock["epoch"] = time.perf_counter()
@@ -293,12 +304,6 @@ def _flatten(tree: dict[str, Any], prefix: str = ""):
         else:
             scalar = isinstance(value, (int, float, str, bool))
             yield f"{prefix}{key}", value if scalar else str(value)
-
-
-def describe(eval_metrics: dict[str, float], split: str = "test") -> str:
-    """'test loss 1.2345, test accuracy 0.5678' for the log."""
-    return ", ".join(f"{split} {k.split('/')[-1]} {v:.4f}"
-                     for k, v in eval_metrics.items())
 
 
 def _hms(seconds: float) -> str:

@@ -28,6 +28,12 @@ def report(line: str) -> None:
         print(line, flush=True)
 
 
+def describe(eval_metrics: Mapping[str, float], split: str = "test") -> str:
+    """'test loss 1.2345, test accuracy 0.5678' for reports and the log."""
+    return ", ".join(f"{split} {k.split('/')[-1]} {v:.4f}"
+                     for k, v in eval_metrics.items())
+
+
 class JsonlWriter:
     """Appends one JSON object per `write_scalars` call: {"step", "time", ...},
     flushed at once, so a crash loses no record written before it.

@@ -216,3 +216,54 @@ def test_plot_confusion_matrix(tmp_path):
 def test_plot_confusion_matrix_rejects(tmp_path, matrix, class_names, message):
     with pytest.raises(ValueError, match=message):
         plots.plot_confusion_matrix(matrix, class_names, str(tmp_path / "c.png"))
+
+
+def test_training_and_plot_mode_write_plots_of_a_real_run(tmp_path):
+    """A smoke run (mocked CIFAR-10) leaves its plots, confusion matrix
+    included; `--mode=plot` redraws them for the workdir."""
+    from research import evaluate, train  # pylint: disable=g-import-not-at-top
+    from tests import train_test  # pylint: disable=g-import-not-at-top
+    workdir = str(tmp_path / "run")
+    config = train_test.tiny_config()
+    train_test.mocked(train.train_and_evaluate, config, workdir)
+    expected = {"loss.png", "accuracy.png", "learning_rate.png",
+                "confusion_matrix.png"}
+    plot_dir = os.path.join(workdir, "plots")
+    assert set(os.listdir(plot_dir)) == expected
+    for name in expected:
+        os.remove(os.path.join(plot_dir, name))
+    paths = train_test.mocked(evaluate.plot, config, workdir)
+    assert set(names(paths)) == expected
+    for path in paths:
+        assert_readable_png(path)
+
+
+def test_summary_matches_hand_counts_for_lenet():
+    """62,006 parameters and 651,720 multiply-adds (1,303,440 FLOPs) forward
+    per image, by layer as counted by hand."""
+    from research import summary  # pylint: disable=g-import-not-at-top
+    from tests import train_test  # pylint: disable=g-import-not-at-top
+    config = train_test.tiny_config()
+    result = train_test.mocked(summary.summarize, config, timed_steps=1)
+    assert result["params"] == 62_006
+    assert result["macs_per_example"] == 651_720
+    assert result["macs_by_layer"] == {
+        "Conv_0": 28 * 28 * 6 * 5 * 5 * 3, "Conv_1": 10 * 10 * 16 * 5 * 5 * 6,
+        "Dense_0": 400 * 120, "Dense_1": 120 * 84, "Dense_2": 84 * 10}
+    assert result["param_bytes"] == 4 * 62_006
+    assert result["step_s"] > 0 and result["steps_per_epoch"] == 6
+    text = summary.describe(result)
+    assert "651,720 multiply-adds = 1,303,440 FLOPs" in text
+
+
+def test_summary_counts_the_lstm_time_loop():
+    """XLA counts a loop's body once; the count multiplies it by the length:
+    per window, T (x_t W_x + h W_hh) per layer, the head, the token table."""
+    from research import config_lib, costs, experiment  # pylint: disable=g-import-not-at-top
+    from tests import conftest  # pylint: disable=g-import-not-at-top
+    config = config_lib.load_config(f"{conftest.CONFIGS}/shakespeare_rnn.py")
+    macs = costs.forward_macs(experiment.build(config, info={}))
+    t, h, e, v = 128, 512, 64, 65
+    assert macs == {"CharRNN/input_0": v * e * 4 * h, "CharRNN/cell_0": t * h * 4 * h,
+                    "CharRNN/input_1": t * h * 4 * h, "CharRNN/cell_1": t * h * 4 * h,
+                    "CharRNN/head": t * h * v}

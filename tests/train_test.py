@@ -286,23 +286,6 @@ def test_sigterm_saves_and_sigkill_resumes_exactly(tmp_path):
     assert_trees_equal(final_params(config, workdir), final_params(config, straight))
 
 
-def test_inspect_notebook_runs_on_a_workdir(straight_run, monkeypatch):
-    """notebooks/inspect_run.ipynb's code cells, run top to bottom."""
-    import json  # pylint: disable=g-import-not-at-top
-    _, workdir, result = straight_run
-    monkeypatch.setenv("WORKDIR", workdir)
-    monkeypatch.chdir(conftest.REPO)
-    with open(os.path.join(conftest.REPO, "notebooks", "inspect_run.ipynb")) as f:
-        cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
-    namespace = {}
-    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-        for cell in cells:
-            exec("".join(cell["source"]), namespace)  # pylint: disable=exec-used
-    assert namespace["step"] == 12
-    assert namespace["result"]["eval/accuracy"] == result["eval/accuracy"]
-    assert len(namespace["epochs"]) == 2
-
-
 def test_signal_right_after_a_save_stops_without_saving_twice(tmp_path, monkeypatch):
     """SIGTERM landing just after a boundary's save: stop there, no second save."""
     real_save = train.checkpointing.save
