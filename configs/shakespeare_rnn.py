@@ -44,6 +44,20 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 64            # windows per step, over all devices
     config.grad_accum_steps = 1       # micro-batches per step: same update, less memory
     config.ema_decay = 0.0            # evaluate an EMA of the weights; 0: off
+    config.init_from = ""             # start from this workdir's model (fine-tune)
+    # Compression (research/compression/): magnitude pruning wrapped around
+    # the optimizer, quantization-aware training. Off by default.
+    config.prune = ml_collections.ConfigDict({
+        "sparsity": 0.0,              # final fraction of kernel weights pruned; 0: off
+        "schedule": "cubic",          # "cubic" (gradual, Zhu & Gupta) or "one_shot"
+        "scope": "layer",             # rank magnitudes per "layer" or "global"ly
+        "begin_step": 0,              # first mask update
+        "end_step": 0,                # cubic: final sparsity reached; 0: 3/4 of the run
+        "update_every": 100,          # steps between mask updates
+    })
+    config.quant = ml_collections.ConfigDict({
+        "qat": False,                 # train through int8 fake quantization (qwix)
+    })
     config.num_epochs = 30            # an epoch: the training text once (~122 steps)
     # Devices and loop.
     config.num_devices = 0            # devices on the mesh's data axis; 0: all

@@ -97,6 +97,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks names and ranges before any compute; raises UserError."""
     # Imported here: the registries pull in flax/optax, configs should not.
     from research import augment, input_pipeline, models, state  # noqa: E402
+    from research.compression import prune  # noqa: E402
 
     _check_choice("model", config.model, models.MODELS)
     _check_choice("dataset", config.dataset, input_pipeline.DATASETS)
@@ -128,6 +129,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "augment" in config:
         augment.check(config.augment)
     state.create_extras(config)  # checks their fields
+    prune.check_options(config.prune)
 
 
 def check_schedule(config: ml_collections.ConfigDict, total_steps: int) -> None:

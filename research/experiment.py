@@ -24,6 +24,7 @@ from research import parallel
 from research import sharded_data
 from research import state as state_lib
 from research import steps
+from research.compression import quantize
 
 PyTree = Any
 
@@ -54,6 +55,14 @@ class Experiment:
             input_shape=input_shape(self.config, self.dataset),
             input_dtype=self.dataset.input_dtype, total_steps=total_steps),
             out_shardings=parallel.replicated(self.mesh))(rng)
+
+    def restart_state(self, state: state_lib.TrainState, variables: PyTree
+                      ) -> state_lib.TrainState:
+        """`state` with the model's variables replaced (e.g. by a trained
+        run's) and the optimizer state and extras made anew from them."""
+        return jax.jit(lambda s, v: state_lib.TrainState.create(
+            apply_fn=s.apply_fn, variables=v, tx=s.tx, extra_fns=s.extra_fns),
+            out_shardings=parallel.replicated(self.mesh))(state, variables)
 
     def pipeline(self, *, train: bool) -> steps.Pipeline:
         """How the steps turn rows into batches and score them."""
@@ -124,6 +133,8 @@ def build(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     dataset = input_pipeline.get_dataset(config.dataset)
     objective = objectives.create_objective(config, dataset.default_objective)
     model = models.create_model(config.model, **config.model_kwargs)
+    if config.quant.qat:
+        model = quantize.create_qat_model(model)
     mesh = mesh or parallel.create_mesh(config.num_devices)
     parallel.check_divisible("batch_size", config.batch_size, mesh,
                              config.grad_accum_steps)
@@ -135,6 +146,8 @@ def build(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
                                        jnp.zeros(shape, dataset.input_dtype),
                                        train=False)[0])
     objective.check(outputs.shape, info)
+    if config.quant.qat:
+        quantize.check_traceable(model, jnp.zeros(shape, dataset.input_dtype))
     return Experiment(config, dataset, info, objective, model, mesh)
 
 

@@ -77,7 +77,7 @@ def run(argv: list[str]) -> dict[str, float]:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, FLAGS.distributed_timeout_s)
     config, workdir = _config_and_workdir()
-    _cache_compiled_programs()
+    cache_compiled_programs()
     if FLAGS.mode == "eval":
         result = evaluate.evaluate(config, workdir, FLAGS.step)
         writers.report(f"step {result['step']}: " + writers.describe(
@@ -95,7 +95,7 @@ def run(argv: list[str]) -> dict[str, float]:
         result = summary.summarize(config)
         writers.report(summary.describe(result))
         return result
-    _log_to_file(workdir)
+    log_to_file(workdir)
     return train.train_and_evaluate(config, workdir,
                                     allow_config_change=FLAGS.allow_config_change)
 
@@ -117,7 +117,7 @@ def _config_and_workdir():
     return config, workdir
 
 
-def _cache_compiled_programs() -> None:
+def cache_compiled_programs() -> None:
     """JAX's persistent compilation cache, unless the user set one: a rerun of
     the same config loads its compiled steps instead of compiling them."""
     if not jax.config.jax_compilation_cache_dir:
@@ -161,7 +161,7 @@ def _setup_logging() -> None:
     sys.unraisablehook = lambda u: logging.info("Background error: %s", u.exc_value)
 
 
-def _log_to_file(workdir: str) -> None:
+def log_to_file(workdir: str) -> None:
     """The full log (INFO and up) of a training run, in the workdir."""
     name = LOG_FILE if jax.process_index() == 0 else f"train.{jax.process_index()}.log"
     try:
@@ -197,9 +197,15 @@ def _os_error(error: BaseException) -> tuple[int, str] | None:
 
 
 def main(argv: list[str]) -> None:
+    guarded(run, argv)
+
+
+def guarded(fn, argv: list[str]) -> None:
+    """Runs `fn(argv)` as a command: one-line errors and exit statuses (2: a
+    mistake in the command, config or workdir; 1: a failure at run time)."""
     _setup_logging()
     try:
-        run(argv)
+        fn(argv)
     except (errors.UserError, app.UsageError) as e:
         _fail(str(e), 2)
     except train.NonFiniteLossError as e:

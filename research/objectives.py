@@ -16,6 +16,7 @@ from clu import metrics as clu_metrics
 
 from research import errors
 from research import metrics as metrics_lib
+from research.compression import distill
 
 Batch = dict[str, jax.Array]
 PyTree = Any
@@ -128,6 +129,7 @@ class LanguageModel:
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "classification": Classification,
     "language_model": LanguageModel,
+    "distill": distill.Distillation,
 }
 
 

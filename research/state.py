@@ -18,6 +18,7 @@ from flax import linen as nn
 from flax import struct
 
 from research import errors
+from research.compression import prune
 
 PyTree = Any
 
@@ -183,7 +184,14 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int
         config, create_learning_rate_fn(config, total_steps))
     if config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    if config.prune.sparsity:  # outermost: it sets the pruned weights' updates
+        tx = prune.from_config(tx, config.prune, total_steps)
     return tx
+
+
+def state_metrics(state: TrainState) -> dict[str, float]:
+    """Scalars the state reports besides the loss (e.g. pruned fractions)."""
+    return prune.metrics(state.opt_state)
 
 
 def init_variables(rng: jax.Array, model: nn.Module,

@@ -132,10 +132,21 @@ class Trainer:
             self.manager, checkpointing.with_sharding(
                 abstract, parallel.replicated(self.exp.mesh)))
         if restored is None:
+            if self.config.init_from:
+                self.init_from(self.config.init_from)
             return
         self.state, self.totals = state_lib.restore_items(self.state, restored)
         self.step = self.last_saved = int(self.state.step)
         logging.info("Resuming at step %d of %d.", self.step, self.total_steps)
+
+    def init_from(self, workdir: str) -> None:
+        """Starts from another run's model variables (fine-tuning); the
+        optimizer and the extras start afresh."""
+        restored = experiment.restore_variables(self.config, workdir,
+                                                mesh=self.exp.mesh)
+        self.state = self.exp.restart_state(self.state, restored.variables)
+        logging.info("Starting from the model of %s, step %d.", workdir,
+                     restored.step)
 
     def run(self, stop_after_step: int | None) -> dict[str, Any]:
         """Trains to the end (or `stop_after_step`); returns the last metrics."""
@@ -248,6 +259,7 @@ class Trainer:
         metrics = {f"train/{k}": float(v)
                    for k, v in self.totals["log"].compute().items()}
         metrics["train/learning_rate"] = float(self.lr_fn(step - 1))
+        metrics.update(state_lib.state_metrics(self.state))
         self.writer.write_scalars(step, {
             **metrics, "perf/steps_per_sec": steps_per_sec,
             f"perf/{unit}_per_sec": steps_per_sec * self.config.batch_size

@@ -3,9 +3,14 @@
 The teacher's logits are inputs here: the teacher's params stay a separate,
 frozen argument of the train step and never enter the student's optimizer.
 """
+import dataclasses
+from typing import Any
+
+import flax
 import jax
 import jax.numpy as jnp
 import optax
+from clu import metrics as clu_metrics
 
 from research import errors
 
@@ -76,3 +81,94 @@ def agreement(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array
     """
     return (jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)
             ).astype(jnp.float32)
+
+
+@flax.struct.dataclass
+class DistillationMetrics(clu_metrics.Collection):
+    """The objective's loss, the student's accuracy and its top-1 agreement
+    with the teacher (masked examples skipped)."""
+    loss: clu_metrics.Average.from_output("loss")
+    accuracy: clu_metrics.Accuracy
+    agreement: clu_metrics.Average.from_output("agreement")
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """Classification against a frozen teacher restored from its workdir.
+
+    The teacher runs in evaluation mode (BatchNorm statistics frozen, no
+    dropout) on the same preprocessed and augmented batch as the student
+    ("consistent" teaching); its variables come to the step as `aux`, an
+    argument, so they are never differentiated, optimized or checkpointed
+    with the student. Training minimizes `distillation_losses`; evaluation
+    reports the student's plain cross-entropy and accuracy beside the
+    agreement.
+
+    Attributes:
+      teacher_workdir: a trained run (its config.json and checkpoints).
+      temperature: T > 0.
+      alpha: the weight of the labels' cross-entropy, in [0, 1].
+      teacher_step: the teacher's checkpoint step (0: the latest).
+    """
+    teacher_workdir: str
+    temperature: float = 4.0
+    alpha: float = 0.1
+    teacher_step: int = 0
+    metrics_cls: Any = DistillationMetrics
+    teacher_config: Any = dataclasses.field(init=False, default=None)
+    teacher_model: Any = dataclasses.field(init=False, default=None)
+
+    def __post_init__(self):
+        from research import config_lib, models  # pylint: disable=g-import-not-at-top
+        if not self.teacher_workdir:
+            raise errors.UserError("objective_kwargs.teacher_workdir is empty: name "
+                                   "the workdir of a trained teacher.")
+        distillation_losses(jnp.zeros((1, 2)), jnp.zeros((1, 2)),
+                            jnp.zeros((1,), jnp.int32), temperature=self.temperature,
+                            alpha=self.alpha)  # checks T and alpha
+        config = config_lib.load_workdir_config(self.teacher_workdir)
+        object.__setattr__(self, "teacher_config", config)
+        object.__setattr__(self, "teacher_model",
+                           models.create_model(config.model, **config.model_kwargs))
+
+    def model_input(self, batch):
+        return batch["image"]
+
+    def check(self, output_shape, info):
+        """The teacher must know the student's labels: the same classes."""
+        from research import input_pipeline  # pylint: disable=g-import-not-at-top
+        teacher = self.teacher_config
+        teacher_info = input_pipeline.get_dataset(teacher.dataset).info(teacher)
+        if teacher_info != info:
+            raise errors.UserError(
+                f"The teacher in {self.teacher_workdir!r} was trained on "
+                f"{teacher.dataset!r} ({teacher_info}), not on this run's classes "
+                f"({info}); distil from a teacher of the same dataset.")
+        if info.get("num_classes") and output_shape[-1] != info["num_classes"]:
+            raise errors.UserError(
+                f"The student outputs {output_shape[-1]} classes but the dataset "
+                f"has {info['num_classes']}.")
+
+    def load_aux(self, mesh) -> dict[str, Any]:
+        """The teacher's variables, replicated over `mesh`."""
+        from research import experiment  # pylint: disable=g-import-not-at-top
+        restored = experiment.restore_variables(
+            self.teacher_config, self.teacher_workdir, self.teacher_step or None, mesh)
+        return {"teacher": restored.variables}
+
+    def __call__(self, outputs, batch, *, params, aux, train):
+        del params
+        teacher = jax.lax.stop_gradient(self.teacher_model.apply(
+            aux["teacher"], self.model_input(batch), train=False))
+        labels, mask = batch["label"], batch.get("mask")
+        if train:
+            losses = distillation_losses(outputs, teacher, labels,
+                                         temperature=self.temperature,
+                                         alpha=self.alpha)
+        else:
+            losses = optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
+        weights = jnp.ones_like(losses) if mask is None else mask.astype(losses.dtype)
+        loss = (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+        return loss, self.metrics_cls.single_from_model_output(
+            loss=losses, logits=outputs, labels=labels,
+            agreement=agreement(outputs, teacher), mask=mask)

@@ -9,6 +9,7 @@ BatchNorm scales, any 1-D parameter) get all-True masks.
 step counter and the inner optimizer's state, so the masks are checkpointed,
 restored and sharded with the rest of the `TrainState`.
 """
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -279,3 +280,64 @@ def count_nonzero(params: PyTree, *, prunable: PrunableFn | None = None) -> int:
         if prunable is None or prunable(path_str(path), leaf):
             total += int(np.count_nonzero(np.asarray(leaf)))
     return total
+
+
+SCHEDULES = ("cubic", "one_shot")
+
+
+def check_options(options: Any) -> None:
+    """Checks `config.prune` before any compute; raises UserError."""
+    if not 0.0 <= options.sparsity < 1.0:
+        raise errors.UserError(
+            f"config.prune.sparsity must be in [0, 1), got {options.sparsity}.")
+    if options.schedule not in SCHEDULES:
+        raise errors.UserError(f"config.prune.schedule={options.schedule!r}; "
+                               f"choose from {list(SCHEDULES)}.")
+    _check_scope(options.scope)
+    if options.update_every < 1 or options.begin_step < 0:
+        raise errors.UserError("config.prune.update_every must be >= 1 and "
+                               "begin_step >= 0.")
+
+
+def from_config(inner: optax.GradientTransformation, options: Any,
+                total_steps: int) -> optax.GradientTransformation:
+    """`prune(inner, ...)` as `config.prune` describes it.
+
+    `options.end_step` 0 reaches the final sparsity at 3/4 of the run (the
+    last quarter fine-tunes the pruned network); it is rounded up to whole
+    mask updates, so the final sparsity is reached exactly.
+    """
+    check_options(options)
+    begin = options.begin_step
+    if options.schedule == "one_shot":
+        schedule = functools.partial(one_shot_sparsity, final=options.sparsity,
+                                     begin_step=begin)
+    else:
+        end = options.end_step or max(begin + 1, (3 * total_steps) // 4)
+        every = options.update_every
+        end = begin + -(-(end - begin) // every) * every
+        schedule = functools.partial(cubic_sparsity, initial=0.0,
+                                     final=options.sparsity, begin_step=begin,
+                                     end_step=end)
+    return prune(inner, schedule, scope=options.scope,
+                 update_every=options.update_every, begin_step=begin)
+
+
+def masks_of(opt_state: Any) -> PyTree | None:
+    """The masks kept in an optimizer state (None: it does not prune)."""
+    found = [s for s in jax.tree.leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, PruneState))
+        if isinstance(s, PruneState)]
+    return found[0].masks if found else None
+
+
+def metrics(opt_state: Any) -> dict[str, float]:
+    """{"prune/sparsity": total, "prune/sparsity/<layer>": ...} of the masks in
+    an optimizer state; {} when it does not prune."""
+    masks = masks_of(opt_state)
+    if masks is None:
+        return {}
+    report = sparsity(jax.device_get(masks))
+    total = report.pop("total")
+    return {"prune/sparsity": total,
+            **{f"prune/sparsity/{k}": v for k, v in report.items()}}

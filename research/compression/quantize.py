@@ -85,6 +85,19 @@ def create_qat_model(model: nn.Module, *, module_path: str = ".*") -> nn.Module:
     return qwix.quantize_model(model, provider)
 
 
+def check_traceable(model: nn.Module, x: jax.Array) -> None:
+    """Raises UserError if `model` (under qwix) would leave ops float: qwix
+    intercepts XLA's conv and dot_general, not custom calls (the C++ CPU
+    kernels). Traces the model once, without running it."""
+    jaxpr = str(jax.make_jaxpr(lambda x: model.init_with_output(
+        jax.random.key(0), x, train=False)[0])(x))
+    if "ffi_call" in jaxpr:
+        raise errors.UserError(
+            "Quantization needs the model's convolutions and matmuls in XLA, but "
+            "it calls a custom kernel; set its kernel option (e.g. "
+            "model_kwargs.conv_impl) to 'xla'.")
+
+
 ACT_RANGES = ("max", "mean")
 
 

@@ -1,0 +1,76 @@
+"""Compression of CIFAR-10 models: distillation, pruning, int8 quantization.
+
+python -m research.compress --config=configs/compress_cifar.py --workdir=runs/compress
+python -m research.compress --config=configs/compress_cifar.py:smoke \
+    --workdir=runs/compress_smoke
+
+The teacher and the student are ordinary experiment configs plus overrides;
+every stage trains in its own sub-workdir (see research/compress.py).
+"""
+import ml_collections
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the pipeline config; `preset` is the part after the colon."""
+    config = ml_collections.ConfigDict()
+    config.stages = ("teacher", "student", "distill", "prune", "ptq", "qat",
+                     "prune_ptq")      # which stages run (research.compress.STAGES)
+    config.seeds = (0, 1)             # student and distilled student, each seed
+    config.data_dir = ""              # TFDS data_dir for every stage ("": default)
+    config.train_split = ""           # "" keeps each config's own split
+    config.eval_split = ""
+    # The big model: the dense baseline, the teacher, and a model to compress.
+    config.teacher = ml_collections.ConfigDict({
+        "config": "configs/cifar_convnet.py",
+        "overrides": ml_collections.ConfigDict({
+            "augment": {"flip": "random", "translate": 2}}),
+    })
+    # The small model: trained alone and distilled with the same data,
+    # augmentation, steps and seeds; only the objective differs.
+    config.student = ml_collections.ConfigDict({
+        "config": "configs/cifar_cnn.py",
+        "overrides": ml_collections.ConfigDict({
+            "batch_size": 32, "learning_rate": 0.01, "num_epochs": 15,
+            "log_every_steps": 1000, "checkpoint_every_steps": 5000,
+            "augment": {"flip": "random", "translate": 2}}),
+    })
+    config.distill = ml_collections.ConfigDict({
+        "temperature": 4.0,           # softens both distributions
+        "alpha": 0.1,                 # weight of the labels' cross-entropy
+    })
+    config.prune = ml_collections.ConfigDict({
+        "models": ("student", "teacher"),  # which trained models to prune
+        "levels": (0.5, 0.75, 0.9, 0.95),  # final sparsities, one run each
+        "compose_level": 0.75,        # pruned model that prune_ptq quantizes
+        "schedule": "cubic",          # gradual, from the dense weights
+        "scope": "layer",             # "layer" or "global" magnitude ranking
+        "update_every": 50,           # steps between mask updates
+        "fine_tune_epochs": 5,        # from the trained weights, at each level
+    })
+    config.quant = ml_collections.ConfigDict({
+        "calibration_batches": 8,     # x 256 training images for static ranges
+        "qat_epochs": 2,              # quantization-aware fine-tuning
+    })
+
+    if preset == "smoke":             # the whole pipeline in a minute or two
+        config.seeds = (0,)
+        config.train_split = "train[:512]"
+        config.eval_split = "test[:256]"
+        for role in ("teacher", "student"):
+            config[role].overrides.num_epochs = 1
+            config[role].overrides.batch_size = 32
+            config[role].overrides.eval_batch_size = 64
+            config[role].overrides.log_every_steps = 8
+            config[role].overrides.checkpoint_every_steps = 16
+        config.teacher.overrides.model_kwargs = ml_collections.ConfigDict(
+            {"features": (8, 16), "num_classes": 10, "dropout_rate": 0.1})
+        config.prune.levels = (0.5, 0.9)
+        config.prune.compose_level = 0.5
+        config.prune.update_every = 4
+        config.prune.fine_tune_epochs = 1
+        config.quant.calibration_batches = 1
+        config.quant.qat_epochs = 1
+    elif preset:
+        raise ValueError(f"Unknown preset {preset!r} for compress_cifar; choose "
+                         "from ['smoke'] or none")
+    return config

@@ -1,0 +1,336 @@
+"""Compression as config-driven stages, and one table of what each buys.
+
+python -m research.compress --config=configs/compress_cifar.py --workdir=runs/compress
+
+The config names a teacher and a student (each a config file plus
+overrides) and the stages to run: train the teacher and the student alone,
+distil the student from the teacher, prune either model to each sparsity
+level (fine-tuning from its trained weights with the gradual schedule),
+quantize to int8 after training (calibrated on training images) or through
+quantization-aware training, and prune-then-quantize. Every training stage is
+an ordinary run in its own sub-workdir, so it resumes like any run and a
+finished one is only evaluated. The results go to
+`<workdir>/compression_results.{json,md}`: test accuracy, parameters,
+non-zeros counted in the saved checkpoint, bytes of the exported weights,
+and evaluation images/s here.
+"""
+import dataclasses
+import json
+import os
+import time
+import zipfile
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from ml_collections import config_flags
+
+from research import config_lib
+from research import errors
+from research import experiment
+from research import main as main_lib
+from research import parallel
+from research import steps
+from research import train
+from research import writers
+from research.compression import prune
+from research.compression import quantize
+
+RESULTS = "compression_results"
+STAGES = ("teacher", "student", "distill", "prune", "ptq", "qat", "prune_ptq")
+
+
+@dataclasses.dataclass
+class Row:
+    """One model of the table."""
+    name: str
+    model: str  # "teacher" or "student": the dense float model it comes from
+    stage: str
+    accuracy: float
+    params: int
+    nonzeros: int
+    bytes: int
+    bytes_zipped: int
+    eval_images_per_s: float
+    workdir: str
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Names, levels and files, before any compute; raises UserError."""
+    for stage in config.stages:
+        if stage not in STAGES:
+            raise errors.UserError(f"Unknown stage {stage!r} in config.stages; "
+                                   f"choose from {list(STAGES)}.")
+    for level in config.prune.levels:
+        if not 0.0 <= level < 1.0:
+            raise errors.UserError(f"config.prune.levels has {level}; sparsities "
+                                   "must be in [0, 1).")
+    for role in ("teacher", "student"):
+        config_lib.load_config(config[role].config)  # exists, presets known
+    for name in config.prune.models:
+        if name not in ("teacher", "student"):
+            raise errors.UserError(f"config.prune.models has {name!r}; choose from "
+                                   "['student', 'teacher'].")
+
+
+def _run_config(config: ml_collections.ConfigDict, role: str,
+                extra: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The role's config file with its overrides, the shared data settings
+    and `extra` (dotted keys)."""
+    spec = config[role]
+    overrides = dict(_dotted(spec.overrides.to_dict()))
+    overrides.update({"data_dir": config.data_dir, **(extra or {})})
+    if config.train_split:
+        overrides["train_split"] = config.train_split
+    if config.eval_split:
+        overrides["eval_split"] = config.eval_split
+    return config_lib.load_config(spec.config, overrides)
+
+
+def _dotted(tree: dict[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+class Pipeline:
+    """The stages of one compression config in `workdir`."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.rows: list[Row] = []
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    def train(self, name: str, role: str, extra: dict[str, Any] | None = None
+              ) -> ml_collections.ConfigDict:
+        """Trains (or resumes, or only evaluates) one run; returns its config."""
+        run_config = _run_config(self.config, role, extra)
+        logging.info("Stage %s: %s", name, self.path(name))
+        train.train_and_evaluate(run_config, self.path(name))
+        return run_config
+
+    def float_row(self, name: str, model: str, stage: str,
+                  config: ml_collections.ConfigDict) -> Row:
+        """Scores a trained run's checkpoint as it was saved (float32)."""
+        restored, exp, data = self._restore(config, self.path(name))
+        variables = restored.variables
+        accuracy, speed = _score(exp.model.apply, variables, exp, data)
+        path = self.path(os.path.join("exports", f"{name}.npz"))
+        flat = {"/".join(map(str, k)): np.asarray(v) for k, v in
+                jax.tree_util.tree_flatten_with_path(variables)[0]}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path, **flat)
+        return self._row(name, model, stage, accuracy, variables, path, speed)
+
+    def int8_row(self, name: str, model: str, stage: str,
+                 config: ml_collections.ConfigDict, source: str) -> Row:
+        """Post-training int8 of the run in `source`, calibrated on training
+        images, scored with the normal eval step."""
+        xla = _with_xla_kernels(config)
+        restored, exp, data = self._restore(xla, self.path(source))
+        quantize.check_traceable(exp.model, _calibration(exp, 1)[0][:1])
+        quantized = quantize.post_training_quantize(
+            exp.model, restored.variables,
+            _calibration(exp, self.config.quant.calibration_batches))
+        accuracy, speed = _score(quantized.apply_fn, quantized.variables, exp, data)
+        path = self.path(os.path.join("exports", f"{name}.int8"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        quantize.export_int8(restored.variables["params"], path)
+        return self._row(name, model, stage, accuracy, restored.variables, path,
+                         speed)
+
+    def _restore(self, config, workdir):
+        """The run's checkpoint, scored as a plain classifier (a distilled
+        student without its teacher)."""
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.objective = "classification"
+        config.objective_kwargs = ml_collections.ConfigDict()
+        mesh = parallel.create_mesh(config.num_devices)
+        restored = experiment.restore_variables(config, workdir, mesh=mesh)
+        exp = experiment.build(config, mesh=mesh, info=restored.info or None)
+        return restored, exp, exp.place_eval()
+
+    def _row(self, name, model, stage, accuracy, variables, path, speed) -> Row:
+        params = variables["params"]
+        row = Row(name=name, model=model, stage=stage, accuracy=accuracy,
+                  params=sum(x.size for x in jax.tree.leaves(params)),
+                  nonzeros=prune.count_nonzero(params), bytes=os.path.getsize(path),
+                  bytes_zipped=_zipped_size(path), eval_images_per_s=speed,
+                  workdir=self.path(name))
+        logging.info("%s", row)
+        self.rows.append(row)
+        return row
+
+
+def _with_xla_kernels(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with every kernel option of its model set to XLA: qwix sees
+    only XLA's convolutions and matmuls (the parameters are the same)."""
+    config = config.copy_and_resolve_references()
+    for key, value in _kernels_off(config).items():
+        config_lib.override(config, key, value)
+    return config
+
+
+def _calibration(exp: experiment.Experiment, batches: int) -> list[jax.Array]:
+    """Model inputs of the first `batches` x 256 training examples."""
+    rows = exp.dataset.train_rows(exp.config, exp.info).rows
+    out = []
+    for i in range(batches):
+        raw = {k: jnp.asarray(v[i * 256:(i + 1) * 256]) for k, v in rows.items()}
+        if next(iter(raw.values())).shape[0]:
+            out.append(exp.objective.model_input(exp.dataset.preprocess(raw)))
+    return out
+
+
+def _score(apply_fn: Callable[..., Any], variables: Any,
+           exp: experiment.Experiment, data: dict[str, jax.Array]
+           ) -> tuple[float, float]:
+    """Accuracy on the placed eval split with the normal eval step, and the
+    evaluation's images/s (the second of two timed passes)."""
+    fn = jax.jit(lambda v, d, aux: steps.evaluate_batches(
+        apply_fn, v, d, aux, pipeline=exp.pipeline(train=False)))
+    aux = exp.aux()
+    with jax.set_mesh(exp.mesh):
+        metrics = fn(variables, data, aux)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        metrics = jax.block_until_ready(fn(variables, data, aux))
+    seconds = time.perf_counter() - start
+    examples = int(np.asarray(data["mask"]).sum())
+    return float(metrics.compute()["accuracy"]), examples / seconds
+
+
+def _zipped_size(path: str) -> int:
+    with zipfile.ZipFile(path + ".zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.write(path, os.path.basename(path))
+    size = os.path.getsize(path + ".zip")
+    os.remove(path + ".zip")
+    return size
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
+    """Runs the config's stages in order; writes and returns the table."""
+    check(config)
+    os.makedirs(workdir, exist_ok=True)
+    p = Pipeline(config, workdir)
+    stages = set(config.stages)
+    configs = {}
+    if stages & {"teacher", "distill", "prune", "ptq", "qat", "prune_ptq"}:
+        configs["teacher"] = p.train("teacher", "teacher")
+        p.float_row("teacher", "teacher", "baseline", configs["teacher"])
+    seeds = config.seeds
+    if stages & {"student", "distill", "prune", "ptq", "qat", "prune_ptq"}:
+        for seed in seeds:
+            name = f"student_seed{seed}"
+            configs[name] = p.train(name, "student", {"seed": seed})
+            p.float_row(name, "student", "baseline", configs[name])
+    if "distill" in stages:
+        for seed in seeds:
+            name = f"distill_seed{seed}"
+            cfg = p.train(name, "student", {
+                "seed": seed, "objective": "distill",
+                "objective_kwargs": ml_collections.ConfigDict({
+                    "teacher_workdir": p.path("teacher"),
+                    "temperature": config.distill.temperature,
+                    "alpha": config.distill.alpha, "teacher_step": 0})})
+            p.float_row(name, "student", "distill", cfg)
+    sources = {"teacher": ("teacher", "teacher"),
+               "student": (f"student_seed{seeds[0]}", "student")}
+    if "prune" in stages or "prune_ptq" in stages:
+        for model in config.prune.models:
+            source, role = sources[model]
+            for level in config.prune.levels:
+                name = f"prune_{model}_{int(round(100 * level))}"
+                cfg = p.train(name, role, {
+                    **_prune_overrides(config, level), "init_from": p.path(source)})
+                configs[name] = cfg
+                p.float_row(name, model, "prune", cfg)
+    if "ptq" in stages:
+        for model in ("teacher", "student"):
+            source, _ = sources[model]
+            p.int8_row(f"{source}_int8", model, "ptq", configs[source], source)
+    if "qat" in stages:
+        for model in ("teacher", "student"):
+            source, role = sources[model]
+            name = f"qat_{model}"
+            cfg = p.train(name, role, {**_kernels_off(configs[source]),
+                                       "quant.qat": True,
+                                       "num_epochs": config.quant.qat_epochs,
+                                       "init_from": p.path(source)})
+            p.int8_row(f"{name}_int8", model, "qat", cfg, name)
+    if "prune_ptq" in stages:
+        level = config.prune.compose_level
+        for model in config.prune.models:
+            name = f"prune_{model}_{int(round(100 * level))}"
+            if name in configs:
+                p.int8_row(f"{name}_int8", model, "prune_ptq", configs[name], name)
+    write_results(p.rows, workdir)
+    return p.rows
+
+
+def _prune_overrides(config: ml_collections.ConfigDict, level: float
+                     ) -> dict[str, Any]:
+    return {"prune.sparsity": level, "prune.schedule": config.prune.schedule,
+            "prune.scope": config.prune.scope,
+            "prune.update_every": config.prune.update_every,
+            "num_epochs": config.prune.fine_tune_epochs}
+
+
+def _kernels_off(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {f"model_kwargs.{k}": "xla" for k in config.model_kwargs
+            if k.endswith("_impl")}
+
+
+def write_results(rows: list[Row], workdir: str) -> None:
+    """`compression_results.json` (the rows) and `.md` (a table)."""
+    with open(os.path.join(workdir, RESULTS + ".json"), "w") as f:
+        json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+    dense = {}  # the first baseline of each model: what the others compare to
+    for r in rows:
+        if r.stage == "baseline":
+            dense.setdefault(r.model, r)
+    lines = ["| model | stage | test accuracy | vs dense | parameters | non-zeros | "
+             "bytes (vs dense) | zipped | eval images/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = dense[r.model]
+        lines.append(
+            f"| {r.name} | {r.stage} | {100 * r.accuracy:.2f}% | "
+            f"{100 * (r.accuracy - base.accuracy):+.2f} | {r.params:,} | "
+            f"{r.nonzeros:,} ({r.nonzeros / r.params:.0%}) | {r.bytes:,} "
+            f"({r.bytes / base.bytes:.2f}x) | {r.bytes_zipped:,} "
+            f"({r.bytes_zipped / base.bytes:.2f}x) | {r.eval_images_per_s:,.0f} |")
+    with open(os.path.join(workdir, RESULTS + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _main(argv: list[str]) -> None:
+    """`--config` is a compression config here; `--workdir` holds the stages."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.config is None:
+        raise app.UsageError("--config is required, e.g. "
+                             "--config=configs/compress_cifar.py")
+    main_lib.cache_compiled_programs()
+    workdir = flags.FLAGS.workdir or main_lib.default_workdir(
+        config_flags.get_config_filename(flags.FLAGS["config"]))
+    main_lib.log_to_file(workdir)
+    rows = run(flags.FLAGS.config, workdir)
+    for r in rows:
+        writers.report(f"{r.name}: {100 * r.accuracy:.2f}%, {r.nonzeros:,} non-zeros, "
+                       f"{r.bytes:,} bytes")
+    writers.report(f"table: {os.path.join(workdir, RESULTS + '.md')}")
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: main_lib.guarded(_main, argv),
+            flags_parser=main_lib.parse_flags)
