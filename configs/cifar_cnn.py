@@ -35,19 +35,31 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "flip": "none",               # "none", "random" or "alternating"
         "translate": 0,               # pixels of reflect padding + random crop
         "cutout": 0,                  # side of a zeroed square; 0: off
-        "eval_views": ("identity",),  # test-time views averaged ("flip", ...)
+        "eval_views": "identity",     # test-time augmentation: "identity", "flip",
+        #                               "flip_translate" (augment.EVAL_VIEWS)
+        "final_eval_views": "",       # for the run's last evaluation; "": the same
     })
     # Optimisation.
     config.optimizer = "sgd"          # key of state.OPTIMIZERS
     config.learning_rate = 0.001
     config.momentum = 0.9             # SGD momentum; 0 for plain SGD
-    config.lr_schedule = "constant"   # key of state.LR_SCHEDULES: constant, cosine
-    config.warmup_steps = 0           # linear warmup from 0
-    config.end_learning_rate = 0.0    # where "cosine" ends
+    config.lr_schedule = "constant"   # key of optimizers.LR_SCHEDULES: constant,
+    #                                   cosine or linear (decay to end_learning_rate)
+    config.warmup_steps = 0           # linear warmup ...
+    config.warmup_fraction = 0.0      # ... or over this fraction of the run (if > 0)
+    config.warmup_start_factor = 0.0  # the warmup starts at this x learning_rate
+    config.end_learning_rate = 0.0    # where "cosine" and "linear" end
+    config.nesterov = False           # Nesterov momentum (SGD)
+    config.weight_decay = 0.0         # decay per step at the peak lr (optimizers.py)
+    # Per-group learning-rate multipliers: name -> {pattern (regex on paths like
+    # "Conv_0/kernel"), lr_scale (0: frozen), train_epochs (frozen after; 0: all)}.
+    config.param_groups = ml_collections.ConfigDict()
     config.grad_clip_norm = 0.0       # clip gradients to this global norm; 0: off
     config.batch_size = 4             # global batch size, over all devices
     config.grad_accum_steps = 1       # micro-batches per step: same update, less memory
     config.ema_decay = 0.0            # evaluate an EMA of the weights; 0: off
+    # Lookahead (airbench): every `every` steps pull the weights to a slow copy.
+    config.lookahead = ml_collections.ConfigDict({"every": 0, "decay": 0.95})
     config.init_from = ""             # start from this workdir's model (fine-tune)
     # Compression (research/compression/): magnitude pruning wrapped around
     # the optimizer, quantization-aware training. Off by default.

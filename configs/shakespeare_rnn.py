@@ -37,13 +37,23 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer = "adam"         # key of state.OPTIMIZERS
     config.learning_rate = 2e-3       # peak, after the warmup
     config.momentum = 0.0             # SGD only
-    config.lr_schedule = "cosine"     # key of state.LR_SCHEDULES: constant, cosine
-    config.warmup_steps = 100         # linear warmup from 0
-    config.end_learning_rate = 1e-4   # where "cosine" ends
+    config.lr_schedule = "cosine"     # key of optimizers.LR_SCHEDULES: constant,
+    #                                   cosine or linear (decay to end_learning_rate)
+    config.warmup_steps = 100         # linear warmup ...
+    config.warmup_fraction = 0.0      # ... or over this fraction of the run (if > 0)
+    config.warmup_start_factor = 0.0  # the warmup starts at this x learning_rate
+    config.end_learning_rate = 1e-4   # where "cosine" and "linear" end
+    config.nesterov = False           # Nesterov momentum (SGD)
+    config.weight_decay = 0.0         # decay per step at the peak lr (optimizers.py)
+    # Per-group learning-rate multipliers: name -> {pattern (regex on paths like
+    # "head/kernel"), lr_scale (0: frozen), train_epochs (frozen after; 0: all)}.
+    config.param_groups = ml_collections.ConfigDict()
     config.grad_clip_norm = 5.0       # clip gradients to this global norm; 0: off
     config.batch_size = 64            # windows per step, over all devices
     config.grad_accum_steps = 1       # micro-batches per step: same update, less memory
     config.ema_decay = 0.0            # evaluate an EMA of the weights; 0: off
+    # Lookahead (airbench): every `every` steps pull the weights to a slow copy.
+    config.lookahead = ml_collections.ConfigDict({"every": 0, "decay": 0.95})
     config.init_from = ""             # start from this workdir's model (fine-tune)
     # Compression (research/compression/): magnitude pruning wrapped around
     # the optimizer, quantization-aware training. Off by default.

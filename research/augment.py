@@ -10,7 +10,10 @@ not flipped the epoch before: its bit depends on (seed, example, epoch).
 Config (`config.augment`, image datasets): `flip` ("none", "random",
 "alternating"), `translate` (pixels of reflect padding, then a random crop
 back to size; 0: off), `cutout` (side of a zeroed square; 0: off),
-`eval_views` (names in `EVAL_VIEWS`: the logits of these views are averaged).
+`eval_views` (a test-time augmentation in `EVAL_VIEWS`: the weighted mean of
+its views' logits is scored) and `final_eval_views` (the same for the last
+evaluation of a run; "": as `eval_views`), so that a costly one need not run
+after every epoch.
 """
 from typing import Any, Callable
 
@@ -54,11 +57,11 @@ def check(options: ml_collections.ConfigDict) -> None:
                                f"{FLIPS}.")
     if options.translate < 0 or options.cutout < 0:
         raise errors.UserError("config.augment.translate and cutout must be >= 0.")
-    for view in options.eval_views:
-        if view not in EVAL_VIEWS:
-            raise errors.UserError(
-                f"config.augment.eval_views has {view!r}; choose from "
-                f"{sorted(EVAL_VIEWS)}.")
+    for field in ("eval_views", "final_eval_views"):
+        name = options[field]
+        if name not in EVAL_VIEWS and (name or field == "eval_views"):
+            raise errors.UserError(f"config.augment.{field}={name!r}; choose from "
+                                   f"{sorted(EVAL_VIEWS)}.")
 
 
 def is_identity(options: ml_collections.ConfigDict | None) -> bool:
@@ -98,21 +101,41 @@ def augment_batch(batch: Batch, key: jax.Array, step: jax.Array, epoch: jax.Arra
     return {**batch, "image": jax.vmap(one)(batch["image"], batch["index"])}
 
 
-# Test-time views: name -> function of an image batch [batch, H, W, C].
-EVAL_VIEWS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "identity": lambda images: images,
-    "flip": lambda images: images[:, :, ::-1],
-    # One-pixel shifts of the flipped and unflipped images (airbench's
-    # multi-view evaluation uses translations beside the flip).
-    "shift": lambda images: jnp.pad(images, ((0, 0), (1, 0), (1, 0), (0, 0)),
-                                    mode="reflect")[:, :-1, :-1],
-    "flip_shift": lambda images: jnp.pad(
-        images[:, :, ::-1], ((0, 0), (1, 0), (1, 0), (0, 0)),
-        mode="reflect")[:, :-1, :-1],
+def _shift(images: jax.Array, dy: int, dx: int) -> jax.Array:
+    """Images [batch, H, W, C] translated by one pixel (reflect padding):
+    the crop at (1 + dy, 1 + dx) of the 1-pixel padded image."""
+    _, h, w, _ = images.shape
+    padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    return padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+
+def _mirror(images: jax.Array) -> jax.Array:
+    return images[:, :, ::-1]
+
+
+View = tuple[Callable[[jax.Array], jax.Array], float]
+# Test-time augmentations: name -> (view of an image batch, weight) pairs;
+# evaluation scores the weighted mean of the views' logits.
+EVAL_VIEWS: dict[str, tuple[View, ...]] = {
+    "identity": ((lambda images: images, 1.0),),
+    "flip": ((lambda images: images, 0.5), (_mirror, 0.5)),
+    # airbench's level 2: the mirror average (1/2), and its average over the
+    # image shifted up-left and down-right by a pixel (1/4 each).
+    "flip_translate": (
+        (lambda images: images, 0.25), (_mirror, 0.25),
+        (lambda images: _shift(images, -1, -1), 0.125),
+        (lambda images: _mirror(_shift(images, -1, -1)), 0.125),
+        (lambda images: _shift(images, 1, 1), 0.125),
+        (lambda images: _mirror(_shift(images, 1, 1)), 0.125)),
 }
 
 
-def views(options: ml_collections.ConfigDict | None) -> tuple[Any, ...]:
-    """The eval views' functions, identity alone without `config.augment`."""
-    names = options.eval_views if options is not None else ("identity",)
-    return tuple(EVAL_VIEWS[n] for n in names)
+def views(options: ml_collections.ConfigDict | None, final: bool = False
+          ) -> tuple[View, ...]:
+    """The views of `config.augment`'s test-time augmentation (identity
+    alone without the section); `final`: of the run's last evaluation."""
+    if options is None:
+        return EVAL_VIEWS["identity"]
+    name = options.final_eval_views if final and options.final_eval_views else (
+        options.eval_views)
+    return EVAL_VIEWS[name]

@@ -96,13 +96,15 @@ def override_from_text(config: ml_collections.ConfigDict, key: str, text: str
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks names and ranges before any compute; raises UserError."""
     # Imported here: the registries pull in flax/optax, configs should not.
-    from research import augment, input_pipeline, models, state  # noqa: E402
+    from research import augment, input_pipeline, models, optimizers  # noqa: E402
+    from research import state  # noqa: E402
     from research.compression import prune  # noqa: E402
 
     _check_choice("model", config.model, models.MODELS)
     _check_choice("dataset", config.dataset, input_pipeline.DATASETS)
-    _check_choice("optimizer", config.optimizer, state.OPTIMIZERS)
-    _check_choice("lr_schedule", config.lr_schedule, state.LR_SCHEDULES)
+    _check_choice("optimizer", config.optimizer, optimizers.OPTIMIZERS)
+    _check_choice("lr_schedule", config.lr_schedule, optimizers.LR_SCHEDULES)
+    optimizers.check(config)
     if config.warmup_steps < 0 or config.grad_clip_norm < 0:
         raise errors.UserError("config.warmup_steps and config.grad_clip_norm must "
                                "be >= 0 (0 turns them off).")
@@ -134,7 +136,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def check_schedule(config: ml_collections.ConfigDict, total_steps: int) -> None:
     """Checks the learning-rate schedule against the run's length."""
-    if config.warmup_steps >= total_steps and config.lr_schedule != "constant":
+    from research import optimizers  # noqa: E402
+    if (optimizers.warmup_steps(config, total_steps) >= total_steps
+            and config.lr_schedule != "constant"):
         raise errors.UserError(
             f"config.warmup_steps={config.warmup_steps} is not below the run's "
             f"{total_steps} steps, so the {config.lr_schedule} decay never starts; "

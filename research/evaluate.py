@@ -35,7 +35,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     """
     restored, exp, data = _restore(config, workdir, step)
     with jax.set_mesh(exp.mesh):
-        totals = exp.eval_fn()(restored.variables, data, exp.aux())
+        totals = exp.eval_fn(final=True)(restored.variables, data, exp.aux())
     result = {f"eval/{k}": float(v) for k, v in totals.compute().items()}
     logging.info("checkpoint step %d, %s[%s]: %s", restored.step, config.dataset,
                  config.eval_split, writers.describe(result, config.eval_split))

@@ -27,6 +27,7 @@ from research import steps
 from research.compression import quantize
 
 PyTree = Any
+DATA_INIT_EXAMPLES = 5000  # what models that initialise from data get
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +49,35 @@ class Experiment:
     model: nn.Module
     mesh: jax.sharding.Mesh
 
-    def create_state(self, rng: jax.Array, total_steps: int) -> state_lib.TrainState:
-        """The initial train state, created replicated on every device."""
-        return jax.jit(functools.partial(
-            state_lib.create_train_state, config=self.config, model=self.model,
-            input_shape=input_shape(self.config, self.dataset),
-            input_dtype=self.dataset.input_dtype, total_steps=total_steps),
-            out_shardings=parallel.replicated(self.mesh))(rng)
+    def create_state(self, rng: jax.Array, total_steps: int,
+                     steps_per_epoch: int = 0, data: PyTree = None
+                     ) -> state_lib.TrainState:
+        """The initial train state, created replicated on every device.
+
+        A model with `init_from_data(variables, inputs)` (e.g. airbench's
+        whitening layer) gets the model inputs of the first
+        `DATA_INIT_EXAMPLES` training examples from `data` (placed rows).
+        """
+        shape = input_shape(self.config, self.dataset)
+        inputs = None
+        if data is not None and hasattr(self.model, "init_from_data"):
+            n = min(DATA_INIT_EXAMPLES, data["row_of"].shape[0])
+            pipeline = self.pipeline(train=False)
+            inputs = jax.jit(lambda d: self.objective.model_input(
+                self.dataset.preprocess(pipeline.gather_fn(
+                    d["rows"], d["row_of"][:n]))))(data)
+
+        def create(rng, inputs):
+            variables = state_lib.init_variables(rng, self.model, shape,
+                                                 self.dataset.input_dtype)
+            if inputs is not None:
+                variables = self.model.init_from_data(variables, inputs)
+            return state_lib.create_train_state(
+                rng, self.config, self.model, shape, total_steps=total_steps,
+                steps_per_epoch=steps_per_epoch, variables=variables)
+
+        return jax.jit(create, out_shardings=parallel.replicated(self.mesh))(
+            rng, inputs)
 
     def restart_state(self, state: state_lib.TrainState, variables: PyTree
                       ) -> state_lib.TrainState:
@@ -64,14 +87,15 @@ class Experiment:
             apply_fn=s.apply_fn, variables=v, tx=s.tx, extra_fns=s.extra_fns),
             out_shardings=parallel.replicated(self.mesh))(state, variables)
 
-    def pipeline(self, *, train: bool) -> steps.Pipeline:
-        """How the steps turn rows into batches and score them."""
+    def pipeline(self, *, train: bool, final: bool = False) -> steps.Pipeline:
+        """How the steps turn rows into batches and score them (`final`: with
+        the last evaluation's test-time augmentation)."""
         options = self.config.augment if "augment" in self.config else None
         train_augment = None if augment.is_identity(options) else options
         return steps.Pipeline(
             objective=self.objective, preprocess_fn=self.dataset.preprocess,
             augment=train_augment if train else None,
-            views=augment.views(None if train else options),
+            views=augment.views(None if train else options, final),
             gather_fn=functools.partial(sharded_data.gather_rows, mesh=self.mesh),
             batch_sharding=parallel.batch_sharded(self.mesh))
 
@@ -85,11 +109,12 @@ class Experiment:
             pipeline=self.pipeline(train=True)),
             out_shardings=parallel.replicated(self.mesh), donate_argnums=(0, 1, 2))
 
-    def eval_fn(self):
-        """`(variables, data, aux) -> metrics` over a whole placed split."""
+    def eval_fn(self, final: bool = False):
+        """`(variables, data, aux) -> metrics` over a whole placed split
+        (`final`: with the last evaluation's test-time augmentation)."""
         return jax.jit(functools.partial(
             steps.evaluate_batches, self.model.apply,
-            pipeline=self.pipeline(train=False)),
+            pipeline=self.pipeline(train=False, final=final)),
             out_shardings=parallel.replicated(self.mesh))
 
     def predict_fn(self):

@@ -18,6 +18,7 @@ from flax import linen as nn
 from flax import struct
 
 from research import errors
+from research import optimizers
 from research.compression import prune
 
 PyTree = Any
@@ -30,8 +31,10 @@ class Extra(Protocol):
     def init(self, variables: PyTree) -> PyTree:
         """The initial value, from the model's initial variables."""
 
-    def update(self, value: PyTree, state: "TrainState") -> PyTree:
-        """The value after the step that produced `state`."""
+    def update(self, value: PyTree, state: "TrainState"
+               ) -> tuple[PyTree, "TrainState"]:
+        """The value after the step that produced `state`, and the state (an
+        extra may change it: lookahead pulls the weights back)."""
 
     def eval_variables(self, value: PyTree) -> PyTree | None:
         """The variables evaluation should use instead of the state's, or None."""
@@ -49,18 +52,62 @@ class Ema:
 
     def update(self, value, state):
         return jax.tree.map(lambda e, v: e + (1.0 - self.decay) * (v - e),
-                            value, state.variables)
+                            value, state.variables), state
 
     def eval_variables(self, value):
         return value
 
 
-def create_extras(config: ml_collections.ConfigDict) -> tuple[Extra, ...]:
+@dataclasses.dataclass(frozen=True)
+class Lookahead:
+    """Slow weights that the fast ones are pulled back to (airbench's
+    lookahead): every `every` steps the slow copy moves towards the weights,
+    slow <- slow + (1 - d) (weights - slow), and the weights are set to it.
+    d = decay**every * (step / total)**3 grows from 0 to decay**every over
+    the run; at the last step the weights become the slow copy (d = 1).
+    BatchNorm statistics are averaged with the weights."""
+    every: int
+    decay: float
+    total_steps: int
+    name: str = "lookahead"
+
+    def init(self, variables):
+        return jax.tree.map(jnp.copy, variables)
+
+    def update(self, value, state):
+        step = state.step
+        last = step >= self.total_steps
+        due = (step % self.every == 0) | last
+        d = jnp.where(last, 1.0, self.decay ** self.every
+                      * (step / self.total_steps) ** 3)
+        slow = jax.tree.map(
+            lambda s, v: jnp.where(due, s + (1.0 - d) * (v - s), s).astype(s.dtype),
+            value, state.variables)
+        weights = jax.tree.map(lambda s, v: jnp.where(due, s, v), slow,
+                               state.variables)
+        return slow, state.replace(
+            params=weights["params"],
+            model_state={k: v for k, v in weights.items() if k != "params"})
+
+    def eval_variables(self, value):
+        del value
+        return None  # the weights themselves, pulled back every few steps
+
+
+def create_extras(config: ml_collections.ConfigDict, total_steps: int = 0
+                  ) -> tuple[Extra, ...]:
     """The extras the config switches on."""
     if not 0.0 <= config.ema_decay < 1.0:
         raise errors.UserError(
             f"config.ema_decay must be in [0, 1) (0: off), got {config.ema_decay}.")
-    return (Ema(config.ema_decay),) if config.ema_decay else ()
+    options = config.lookahead
+    if options.every < 0 or not 0.0 < options.decay <= 1.0:
+        raise errors.UserError("config.lookahead needs every >= 0 (0: off) and "
+                               "0 < decay <= 1.")
+    extras = (Ema(config.ema_decay),) if config.ema_decay else ()
+    if options.every:
+        extras += (Lookahead(options.every, options.decay, max(total_steps, 1)),)
+    return extras
 
 
 class TrainState(struct.PyTreeNode):
@@ -108,8 +155,10 @@ class TrainState(struct.PyTreeNode):
         state = self.replace(step=self.step + 1,
                              params=optax.apply_updates(self.params, updates),
                              model_state=model_state, opt_state=opt_state)
-        return state.replace(extras={
-            e.name: e.update(state.extras[e.name], state) for e in self.extra_fns})
+        for extra in self.extra_fns:
+            value, state = extra.update(state.extras[extra.name], state)
+            state = state.replace(extras={**state.extras, extra.name: value})
+        return state
 
 
 def checkpoint_items(state: TrainState, loop: PyTree) -> dict[str, PyTree]:
@@ -139,56 +188,6 @@ def restore_items(state: TrainState, items: dict[str, PyTree]
     return state, train["loop"]
 
 
-def create_learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int
-                            ) -> optax.Schedule:
-    """Linear warmup over `warmup_steps`, then constant or cosine decay.
-
-    The cosine decays from `learning_rate` to `end_learning_rate` at the
-    last step.
-    """
-    if config.lr_schedule not in LR_SCHEDULES:
-        raise errors.UserError(f"Unknown lr_schedule {config.lr_schedule!r}; choose "
-                               f"from {sorted(LR_SCHEDULES)}.")
-    return LR_SCHEDULES[config.lr_schedule](config, total_steps)
-
-
-def _constant(config, total_steps):
-    del total_steps
-    if not config.warmup_steps:
-        return optax.constant_schedule(config.learning_rate)
-    return optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
-
-
-def _cosine(config, total_steps):
-    return optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, config.warmup_steps, max(total_steps, 1),
-        end_value=config.end_learning_rate)
-
-
-LR_SCHEDULES = {"constant": _constant, "cosine": _cosine}
-
-# name -> fn(config, learning-rate schedule) -> the optax transformation.
-OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "sgd": lambda config, lr: optax.sgd(lr, momentum=config.momentum or None),
-    "adam": lambda config, lr: optax.adam(lr),
-}
-
-
-def create_optimizer(config: ml_collections.ConfigDict, total_steps: int
-                     ) -> optax.GradientTransformation:
-    """The config's optimizer, schedule and gradient clipping."""
-    if config.optimizer not in OPTIMIZERS:
-        raise errors.UserError(f"Unknown optimizer {config.optimizer!r}; choose "
-                               f"from {sorted(OPTIMIZERS)}.")
-    tx = OPTIMIZERS[config.optimizer](
-        config, create_learning_rate_fn(config, total_steps))
-    if config.grad_clip_norm:
-        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-    if config.prune.sparsity:  # outermost: it sets the pruned weights' updates
-        tx = prune.from_config(tx, config.prune, total_steps)
-    return tx
-
-
 def state_metrics(state: TrainState) -> dict[str, float]:
     """Scalars the state reports besides the loss (e.g. pruned fractions)."""
     return prune.metrics(state.opt_state)
@@ -203,7 +202,8 @@ def init_variables(rng: jax.Array, model: nn.Module,
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
                        model: nn.Module, input_shape: tuple[int, ...],
-                       input_dtype: Any = jnp.float32, total_steps: int = 0
+                       input_dtype: Any = jnp.float32, total_steps: int = 0,
+                       steps_per_epoch: int = 0, variables: PyTree = None
                        ) -> TrainState:
     """Initialises the model, the optimizer and the extras the config names.
 
@@ -214,11 +214,15 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
       input_shape: a model input's shape, batch axis included.
       input_dtype: its dtype (int32 for tokens).
       total_steps: the run's length, for decaying schedules.
+      steps_per_epoch: for parameter groups trained for some epochs only.
+      variables: the model's variables if already made (else from `rng`).
     """
+    if variables is None:
+        variables = init_variables(rng, model, input_shape, input_dtype)
     return TrainState.create(
-        apply_fn=model.apply,
-        variables=init_variables(rng, model, input_shape, input_dtype),
-        tx=create_optimizer(config, total_steps), extra_fns=create_extras(config))
+        apply_fn=model.apply, variables=variables,
+        tx=optimizers.create_optimizer(config, total_steps, steps_per_epoch),
+        extra_fns=create_extras(config, total_steps))
 
 
 def count_params(params: PyTree) -> int:

@@ -26,7 +26,8 @@ class Pipeline:
       objective: model input, loss and metrics (`objectives.Objective`).
       preprocess_fn: maps raw rows (e.g. uint8 images) to model inputs.
       augment: `config.augment` for keyed training augmentation, or None.
-      views: test-time views whose logits evaluation averages.
+      views: test-time views and their weights: evaluation scores the
+        weighted mean of their logits (`augment.EVAL_VIEWS`).
       gather_fn: `(rows, idx) -> rows[idx]` for rows split over devices
         (`sharded_data.gather_rows`); None: a plain gather.
       batch_sharding: how a batch is split over devices.
@@ -34,7 +35,8 @@ class Pipeline:
     objective: Any
     preprocess_fn: Callable[[Batch], Batch]
     augment: Any = None
-    views: tuple[Callable[[jax.Array], jax.Array], ...] = (lambda x: x,)
+    views: tuple[tuple[Callable[[jax.Array], jax.Array], float], ...] = (
+        (lambda x: x, 1.0),)
     gather_fn: Callable[[Batch, jax.Array], Batch] | None = None
     batch_sharding: jax.sharding.Sharding | None = None
 
@@ -91,9 +93,11 @@ def eval_outputs(apply_fn: Callable[..., jax.Array], variables: PyTree,
     pipeline's views, averaged) and the preprocessed batch."""
     batch = pipeline.preprocess_fn(batch)
     inputs = pipeline.objective.model_input(batch)
-    outputs = [apply_fn(variables, view(inputs), train=False)
-               for view in pipeline.views]
-    return (outputs[0] if len(outputs) == 1 else sum(outputs) / len(outputs)), batch
+    if len(pipeline.views) == 1:
+        return apply_fn(variables, pipeline.views[0][0](inputs), train=False), batch
+    outputs = sum(weight * apply_fn(variables, view(inputs), train=False)
+                  for view, weight in pipeline.views)
+    return outputs, batch
 
 
 def eval_step(apply_fn: Callable[..., jax.Array], variables: PyTree, batch: Batch,

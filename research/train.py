@@ -21,6 +21,7 @@ from research import errors
 from research import evaluate
 from research import experiment
 from research import loop
+from research import optimizers
 from research import parallel
 from research import sharded_data
 from research import state as state_lib
@@ -101,7 +102,8 @@ class Trainer:
                 f"config.batch_size={config.batch_size} is larger than the "
                 f"{num_train} examples of split {config.train_split!r}; lower it.")
         self.steps_per_epoch = num_train // config.batch_size
-        self.total_steps = self.steps_per_epoch * config.num_epochs
+        # num_epochs may be fractional (airbench trains 9.9 epochs).
+        self.total_steps = int(round(self.steps_per_epoch * config.num_epochs))
         config_lib.check_schedule(config, self.total_steps)
         rows, row_of = sharded_data.place_rows(train_rows, mesh)
         self.data = {"rows": rows, "row_of": row_of}
@@ -111,8 +113,9 @@ class Trainer:
             _run_keys, static_argnums=0,
             out_shardings=parallel.replicated(mesh))(config.seed)
         self.keys = {"dropout": dropout_key, "augment": augment_key}
-        self.state = exp.create_state(init_key, self.total_steps)
-        self.lr_fn = state_lib.create_learning_rate_fn(config, self.total_steps)
+        self.state = exp.create_state(init_key, self.total_steps, self.steps_per_epoch,
+                                      self.data)
+        self.lr_fn = optimizers.create_learning_rate_fn(config, self.total_steps)
         self.empty = lambda: parallel.put_replicated(
             exp.objective.metrics_cls.empty(), mesh)
         self.totals = {"epoch": self.empty(), "log": self.empty()}
@@ -160,7 +163,7 @@ class Trainer:
             return {**self.result, "step": self.step}
         stop = min(self.total_steps, stop_after_step or self.total_steps)
         epoch_ends = frozenset(range(self.steps_per_epoch, self.total_steps + 1,
-                                     self.steps_per_epoch))
+                                     self.steps_per_epoch)) | {self.total_steps}
         actions = [
             loop.Periodic(self.log_progress, self.config.log_every_steps,
                           epoch_ends | {stop}),
@@ -214,6 +217,11 @@ class Trainer:
                     self.keys, self.aux).compile()
             self.eval_fn = self.exp.eval_fn().lower(
                 self.state.eval_variables, self.eval_data, self.aux).compile()
+            self.final_eval_fn = self.eval_fn
+            if self.exp.pipeline(train=False, final=True).views != (
+                    self.exp.pipeline(train=False).views):
+                self.final_eval_fn = self.exp.eval_fn(final=True).lower(
+                    self.state.eval_variables, self.eval_data, self.aux).compile()
         logging.info("Compiled the train and eval functions in %.2fs.",
                      time.perf_counter() - start)
         self.clock = {"log": (time.perf_counter(), self.step),
@@ -272,12 +280,16 @@ class Trainer:
         self.clock["log"] = (time.perf_counter(), step)
 
     def evaluate(self) -> dict[str, float]:
-        metrics = self.eval_fn(self.state.eval_variables, self.eval_data, self.aux)
+        """The eval split's metrics (the last evaluation of a run may use a
+        costlier test-time augmentation: `augment.final_eval_views`)."""
+        fn = self.final_eval_fn if self.step >= self.total_steps else self.eval_fn
+        metrics = fn(self.state.eval_variables, self.eval_data, self.aux)
         return {f"eval/{k}": float(v) for k, v in metrics.compute().items()}
 
     def evaluate_epoch(self, step: int) -> None:
         """Scores the eval split; logs the epoch's train loss beside it."""
-        epoch = step // self.steps_per_epoch
+        epoch = step / self.steps_per_epoch
+        epoch = int(epoch) if epoch == int(epoch) else round(epoch, 2)
         train_loss = float(self.totals["epoch"].compute()["loss"])
         self.result = self.evaluate()
         self.writer.write_scalars(step, {"epoch": epoch, "epoch/train_loss":

@@ -38,7 +38,7 @@ LOCK_FILE = ".lock"
 FREE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                "steps_per_call", "num_devices", "data_dir", "download",
                "eval_batch_size", "eval_split", "num_epochs", "sample.",
-               "augment.eval_views", "init_from")
+               "augment.eval_views", "augment.final_eval_views", "init_from")
 
 
 def prepare(workdir: str) -> None:

@@ -16,6 +16,7 @@ CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(conftest.CONFIGS, "*.py"
                       if not p.endswith("__init__.py"))
 PRESETS = {"cifar_cnn.py": ["", "smoke"], "cifar_convnet.py": ["", "smoke"],
            "shakespeare_rnn.py": ["", "cpu", "smoke"],
+           "cifar_fast.py": ["", "gpu", "cpu", "smoke"],
            "compress_cifar.py": ["", "smoke"]}
 PIPELINES = {"compress_cifar.py"}  # research.compress configs, not experiments
 

@@ -4,12 +4,14 @@ from typing import Any
 from flax import linen as nn
 
 from research import errors
+from research.models import airbench
 from research.models import cnn
 from research.models import rnn
 
 MODELS: dict[str, type[nn.Module]] = {
     "lenet": cnn.LeNet,
     "convnet": cnn.ConvNet,
+    "airbench": airbench.AirbenchNet,
     "char_rnn": rnn.CharRNN,
 }
 

@@ -1,0 +1,148 @@
+"""Optimizers, learning-rate schedules and parameter groups, from the config.
+
+`create_optimizer(config, total_steps, steps_per_epoch)` builds: the named
+optimizer (`OPTIMIZERS`) on the named schedule (`LR_SCHEDULES`), with weight
+decay, per-group learning-rate multipliers (`config.param_groups`: a regex
+on parameter paths such as "Conv_0/kernel"; multiplier 0 freezes a group,
+`train_epochs` freezes it after that many epochs), gradient clipping, and
+magnitude pruning around all of it.
+
+Weight decay follows airbench's parametrization: `weight_decay` is the decay
+per step at the peak learning rate, whatever a group's multiplier. It enters
+the gradient as `weight_decay / (learning_rate * multiplier) * w`, so it goes
+through momentum as in PyTorch's SGD and follows the schedule.
+"""
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from research import errors
+from research.compression import prune
+
+PyTree = Any
+
+
+def warmup_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
+    """`warmup_fraction` of the run if set, else `warmup_steps`."""
+    if config.warmup_fraction:
+        return int(round(config.warmup_fraction * total_steps))
+    return config.warmup_steps
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int
+                            ) -> optax.Schedule:
+    """Linear warmup from `warmup_start_factor * learning_rate`, then
+    constant, cosine or linear decay to `end_learning_rate` at the last step."""
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise errors.UserError(f"Unknown lr_schedule {config.lr_schedule!r}; choose "
+                               f"from {sorted(LR_SCHEDULES)}.")
+    return LR_SCHEDULES[config.lr_schedule](config, total_steps)
+
+
+def _warmup(config, total_steps, then: optax.Schedule) -> optax.Schedule:
+    steps = warmup_steps(config, total_steps)
+    if not steps:
+        return then
+    start = config.warmup_start_factor * config.learning_rate
+    return optax.join_schedules(
+        [optax.linear_schedule(start, config.learning_rate, steps), then], [steps])
+
+
+def _constant(config, total_steps):
+    return _warmup(config, total_steps, optax.constant_schedule(config.learning_rate))
+
+
+def _cosine(config, total_steps):
+    decay = max(total_steps - warmup_steps(config, total_steps), 1)
+    return _warmup(config, total_steps, optax.cosine_decay_schedule(
+        config.learning_rate, decay, alpha=config.end_learning_rate
+        / config.learning_rate))
+
+
+def _linear(config, total_steps):
+    decay = max(total_steps - warmup_steps(config, total_steps), 1)
+    return _warmup(config, total_steps, optax.linear_schedule(
+        config.learning_rate, config.end_learning_rate, decay))
+
+
+LR_SCHEDULES = {"constant": _constant, "cosine": _cosine, "linear": _linear}
+
+# name -> fn(config, learning-rate schedule) -> the optax transformation.
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": lambda config, lr: optax.sgd(lr, momentum=config.momentum or None,
+                                        nesterov=config.nesterov),
+    "adam": lambda config, lr: optax.adam(lr),
+}
+
+
+def _group_of(path: tuple[Any, ...], groups: ml_collections.ConfigDict) -> str:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    for group, options in groups.items():
+        if re.fullmatch(options.pattern, name):
+            return group
+    return "default"
+
+
+def _group_transform(config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                     scale: float, train_steps: int) -> optax.GradientTransformation:
+    """The optimizer of one group: multiplier `scale`, trained for
+    `train_steps` steps (0: all)."""
+    if scale == 0.0:
+        return optax.set_to_zero()
+
+    def group_schedule(step):
+        lr = schedule(step) * scale
+        return lr if not train_steps else jnp.where(step < train_steps, lr, 0.0)
+
+    tx = OPTIMIZERS[config.optimizer](config, group_schedule)
+    if config.weight_decay:
+        tx = optax.chain(optax.add_decayed_weights(
+            config.weight_decay / (config.learning_rate * scale)), tx)
+    return tx
+
+
+def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
+                     steps_per_epoch: int = 0) -> optax.GradientTransformation:
+    """The config's optimizer, schedule, groups, clipping and pruning."""
+    if config.optimizer not in OPTIMIZERS:
+        raise errors.UserError(f"Unknown optimizer {config.optimizer!r}; choose "
+                               f"from {sorted(OPTIMIZERS)}.")
+    schedule = create_learning_rate_fn(config, total_steps)
+    groups = config.param_groups
+    transforms = {"default": _group_transform(config, schedule, 1.0, 0)}
+    for name, options in groups.items():
+        transforms[name] = _group_transform(
+            config, schedule, options.lr_scale,
+            int(round(options.train_epochs * steps_per_epoch)))
+    if groups:
+        tx = optax.multi_transform(transforms, lambda params: jax.tree_util.
+                                   tree_map_with_path(lambda p, _: _group_of(
+                                       p, groups), params))
+    else:
+        tx = transforms["default"]
+    if config.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    if config.prune.sparsity:  # outermost: it sets the pruned weights' updates
+        tx = prune.from_config(tx, config.prune, total_steps)
+    return tx
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Checks the optimizer's fields before any compute; raises UserError."""
+    if config.weight_decay < 0 or config.warmup_fraction < 0 or (
+            config.warmup_fraction >= 1):
+        raise errors.UserError("config.weight_decay must be >= 0 and "
+                               "config.warmup_fraction in [0, 1).")
+    for name, options in config.param_groups.items():
+        try:
+            re.compile(options.pattern)
+        except re.error as e:
+            raise errors.UserError(f"config.param_groups.{name}.pattern: {e}"
+                                   ) from None
+        if options.lr_scale < 0 or options.train_epochs < 0:
+            raise errors.UserError(f"config.param_groups.{name} needs lr_scale >= 0 "
+                                   "and train_epochs >= 0 (0: the whole run).")
