@@ -25,6 +25,8 @@ EXECUTED = {
     # An empty workdir: the notebook trains the smoke preset, then inspects it.
     "cnn.ipynb": {"WORKDIR": "{tmp_path}/cnn"},
     "rnn.ipynb": {"WORKDIR": "{tmp_path}/rnn"},
+    # A results file in the pipeline's format, written by the test.
+    "compression.ipynb": {"RESULTS": "{tmp_path}/compression_results.json"},
 }
 # Notebooks that read real data (smoke-sized), and the dataset they need.
 REAL_DATA = {"cnn.ipynb": "cifar10", "rnn.ipynb": "tiny_shakespeare"}
@@ -64,6 +66,8 @@ def test_notebook_runs(name, kernel_manager, tmp_path, monkeypatch):
     if name in REAL_DATA and not os.path.isdir(os.path.join(data_dir, REAL_DATA[name])):
         pytest.skip(f"{name} trains on the real {REAL_DATA[name]}, not prepared under "
                     f"$TFDS_DATA_DIR={data_dir!r} (CI sets it)")
+    if name == "compression.ipynb":
+        _write_results(tmp_path)
     for key, value in {"MPLBACKEND": "Agg", "JAX_PLATFORMS": "cpu",
                        "PYTHONPATH": conftest.REPO,  # this checkout's `research`
                        **EXECUTED[name]}.items():
@@ -80,6 +84,24 @@ def test_notebook_runs(name, kernel_manager, tmp_path, monkeypatch):
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
     print(f"{name}: {len(code)} code cells in {seconds:.1f}s")
+
+
+def _write_results(directory):
+    """A compression table like `research.compress` writes, of two models."""
+    from research import compress  # pylint: disable=g-import-not-at-top
+    rows = []
+    for model, params, accuracy in (("teacher", 1_000_000, 0.9),
+                                    ("student", 62_006, 0.6)):
+        rows.append(compress.Row(model, model, "baseline", accuracy, params, params,
+                                 4 * params, 4 * params, 1000.0, ""))
+        for level in (0.5, 0.75, 0.9):
+            rows.append(compress.Row(
+                f"prune_{model}_{int(100 * level)}", model, "prune",
+                accuracy - level / 10, params, int(params * (1 - level)),
+                4 * params, int(4 * params * (1.1 - level)), 1000.0, ""))
+        rows.append(compress.Row(f"{model}_int8", model, "ptq", accuracy - 0.005,
+                                 params, params, params, params, 900.0, ""))
+    compress.write_results(rows, str(directory))
 
 
 @pytest.mark.parametrize("path", notebook_paths(), ids=os.path.basename)
