@@ -60,3 +60,67 @@ def data_parallel_size() -> int:
     if mesh.empty or DATA_AXIS not in mesh.axis_names:
         return 1
     return mesh.shape[DATA_AXIS]
+
+
+# oneDNN convolutions (research/kernels/onednn_conv.cc), a second library: it
+# links libdnnl from the PyPI package onednn-cpu-gomp (oneDNN 3.2, CPU-only,
+# GNU OpenMP). $RESEARCH_ONEDNN_LIB names another libdnnl.so.3 to use.
+_ONEDNN_TARGETS = {"research_onednn_conv_fwd": "ResearchOnednnConvFwd",
+                   "research_onednn_conv_bwd_data": "ResearchOnednnConvBwdData",
+                   "research_onednn_conv_bwd_weights": "ResearchOnednnConvBwdWeights"}
+ONEDNN_DIST = "onednn-cpu-gomp"
+
+
+def _libdnnl_path() -> str | None:
+    """Where libdnnl.so.3 is: $RESEARCH_ONEDNN_LIB, else in the installed
+    onednn-cpu-gomp distribution (its wheel puts it in <prefix>/lib)."""
+    if os.environ.get("RESEARCH_ONEDNN_LIB"):
+        return os.environ["RESEARCH_ONEDNN_LIB"]
+    import importlib.metadata  # pylint: disable=g-import-not-at-top
+    try:
+        dist = importlib.metadata.distribution(ONEDNN_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if f.name == "libdnnl.so.3":
+            return str(dist.locate_file(f))
+    return None
+
+
+@functools.cache
+def onednn_load_error() -> str | None:
+    """Registers the oneDNN convolutions with XLA once; None when ready, else
+    why not (not built, oneDNN not installed, or it does not load)."""
+    libs = glob.glob(os.path.join(os.path.dirname(__file__), "_onednn_conv*.so"))
+    if not libs:
+        return ("research/kernels/_onednn_conv*.so was not built (it needs "
+                f"{ONEDNN_DIST} and onednn-devel-cpu-gomp at build time)")
+    dnnl = _libdnnl_path()
+    if dnnl is None:
+        return f"libdnnl.so.3 not found: pip install {ONEDNN_DIST}"
+    try:
+        # Loaded first, globally: the kernel library finds it by its soname.
+        ctypes.CDLL(dnnl, mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(libs[0])
+        for target, symbol in _ONEDNN_TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
+    except (OSError, AttributeError) as e:
+        return f"could not load oneDNN ({dnnl}) or {libs[0]}: {e}"
+    return None
+
+
+def onednn_available() -> bool:
+    """Whether the oneDNN convolutions can run here (built, loadable, CPU)."""
+    return jax.default_backend() == "cpu" and onednn_load_error() is None
+
+
+def onednn_isa() -> str:
+    """The instruction set oneDNN dispatches to here, e.g. avx512_core_bf16."""
+    if onednn_load_error() is not None:
+        return "unavailable"
+    lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(__file__),
+                                             "_onednn_conv*.so"))[0])
+    buf = ctypes.create_string_buffer(64)
+    lib.ResearchOnednnIsa(buf, 64)
+    return buf.value.decode()
