@@ -14,7 +14,9 @@ the state donated); PyTorch runs eagerly in another interpreter
 median of `--repeats` timings of `--steps` steps. Model FLOPs come from XLA's
 cost analysis of the compiled step (the C++ kernels counted as their XLA
 twin), or, for RNNs, from the multiply-adds counted in the traced model (XLA
-counts a loop body once; `costs.py`); the peak is a float32 matmul timed here.
+counts a loop body once; `costs.py`); the peak is a float32 matmul timed here,
+doubled for models that compute in bfloat16 (AVX-512 BF16's dot product does
+twice the multiply-adds of a float32 FMA per instruction).
 """
 import functools
 import json
@@ -34,6 +36,7 @@ from ml_collections import config_flags
 from research import costs
 from research import experiment
 from research import input_pipeline
+from research import malloc
 from research import parallel
 from research import steps
 
@@ -135,14 +138,19 @@ def bench_torch(config, batch_size: int) -> dict | None:
         logging.warning("No interpreter with torch at %s; skipping PyTorch (see "
                         "README, Benchmarks).", python)
         return None
-    if not (config.model == "lenet" or (config.model == "char_rnn"
-                                        and config.model_kwargs.cell == "lstm")):
+    if not (config.model in ("lenet", "airbench") or (
+            config.model == "char_rnn" and config.model_kwargs.cell == "lstm")):
         logging.warning("No PyTorch twin of model %r; skipping it.", config.model)
         return None
-    job = {"model": "lenet" if config.model == "lenet" else "lstm",
+    job = {"model": "lstm" if config.model == "char_rnn" else config.model,
            "batch_size": batch_size, "steps": FLAGS.steps, "repeats": FLAGS.repeats,
            "learning_rate": config.learning_rate, "momentum": config.momentum,
            "grad_clip_norm": config.grad_clip_norm}
+    if job["model"] == "airbench":
+        job.update(widths=list(config.model_kwargs.widths),
+                   weight_decay=config.weight_decay,
+                   label_smoothing=config.objective_kwargs.label_smoothing,
+                   translate=config.augment.translate)
     if job["model"] == "lstm":
         job.update({k: config.model_kwargs[k] for k in (
             "vocab_size", "embed_dim", "hidden_size", "num_layers", "dropout_rate")})
@@ -167,9 +175,12 @@ def _variants(config):
 
 def main(argv):
     del argv
+    malloc.keep_freed_memory()  # as the trainer runs (research.main)
     config = FLAGS.config
     peak = matmul_peak_flops()
     logging.info("float32 matmul peak measured: %.1f GFLOP/s", peak / 1e9)
+    if config.model_kwargs.get("dtype") == "bfloat16":
+        peak *= 2.0
     records = []
     for name, variant in _variants(config):
         for batch_size in (int(b) for b in FLAGS.batch_sizes):
@@ -186,7 +197,9 @@ def main(argv):
                                   / (rec["step_ms"] / 1e3) / peak)
                     records.append({"config": name, "batch_size": batch_size, **rec})
     unit = input_pipeline.get_dataset(config.dataset).throughput_unit(config)[0] + "/s"
-    print(f"float32 matmul peak: {peak / 1e9:.0f} GFLOP/s")
+    print(f"matmul peak for MFU: {peak / 1e9:.0f} GFLOP/s"
+          + (" (bfloat16: 2x the float32 matmul)"
+             if config.model_kwargs.get("dtype") == "bfloat16" else ""))
     print(f"{'config':<22}{'batch':>6}{'framework':>10}{'devices':>8}"
           f"{'train ' + unit:>18}{'eval ' + unit:>18}{'step ms':>9}{'MFU':>7}"
           f"{'jax/torch':>10}")

@@ -45,6 +45,102 @@ class CharLSTM(nn.Module):
         return self.head(self.drop(out))
 
 
+class _Norm(nn.BatchNorm2d):
+    """airbench's BatchNorm: no scale (frozen at 1), momentum 0.4 (PyTorch's
+    convention for flax's 0.6), eps 1e-12."""
+
+    def __init__(self, channels):
+        super().__init__(channels, eps=1e-12, momentum=0.4)
+        self.weight.requires_grad = False
+
+
+class _Group(nn.Module):
+    def __init__(self, channels_in, channels_out):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, padding="same", bias=False)
+        self.norm1, self.norm2 = _Norm(channels_out), _Norm(channels_out)
+        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, padding="same",
+                               bias=False)
+        self.pool, self.act = nn.MaxPool2d(2), nn.GELU()
+
+    def forward(self, x):
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+class Airbench(nn.Module):
+    """research.models.airbench.AirbenchNet: airbench94's network."""
+
+    def __init__(self, widths, num_classes=10):
+        super().__init__()
+        self.whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
+        self.whiten.weight.requires_grad = False
+        layers, width = [], 24
+        for out in widths:
+            layers.append(_Group(width, out))
+            width = out
+        self.groups = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes, bias=False)
+
+    def forward(self, x):
+        x = self.groups(nn.functional.gelu(self.whiten(x)))
+        x = nn.functional.adaptive_max_pool2d(x, 1).flatten(1)
+        return self.head(x) / 9
+
+
+def _flip_translate(images, pad):
+    """airbench's augmentation of a batch: random flips and translations by
+    up to `pad` pixels (reflect padding), as the JAX step does on device."""
+    flip = torch.rand(len(images)) < 0.5
+    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    if not pad:
+        return images
+    padded = nn.functional.pad(images, (pad,) * 4, mode="reflect")
+    shifts = torch.randint(0, 2 * pad + 1, (len(images), 2))
+    out = torch.empty_like(images)
+    size = images.shape[-1]
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            mask = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
+            out[mask] = padded[mask, :, dy:dy + size, dx:dx + size]
+    return out
+
+
+def _airbench_step(job):
+    """The fast CNN's train step the strongest way PyTorch offers on this
+    CPU: bf16 autocast and channels-last, Nesterov SGD with airbench's two
+    parameter groups and weight decay, label smoothing."""
+    batch = job["batch_size"]
+    model = Airbench(job["widths"]).to(memory_format=torch.channels_last)
+    lr, wd = job["learning_rate"] / batch, job["weight_decay"]  # per summed loss
+    norm = [p for n, p in model.named_parameters() if "norm" in n and p.requires_grad]
+    other = [p for n, p in model.named_parameters()
+             if "norm" not in n and p.requires_grad]
+    opt = torch.optim.SGD(
+        [{"params": norm, "lr": 64 * lr, "weight_decay": wd / (64 * lr)},
+         {"params": other, "lr": lr, "weight_decay": wd / lr}],
+        momentum=job["momentum"], nesterov=True)
+    images = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (batch,))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=job["label_smoothing"],
+                                  reduction="sum")
+
+    def train_step():
+        x = _flip_translate(images, job["translate"]).contiguous(
+            memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(model(x).float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def eval_step():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(images)
+
+    return model, train_step, eval_step
+
+
 def _time(fn, steps: int, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -59,6 +155,16 @@ def _time(fn, steps: int, repeats: int) -> float:
 def run(job: dict) -> dict:
     torch.manual_seed(0)
     batch, steps, repeats = job["batch_size"], job["steps"], job["repeats"]
+    if job["model"] == "airbench":
+        model, train_step, eval_step = _airbench_step(job)
+        model.train()
+        train_time = _time(train_step, steps, repeats)
+        model.eval()
+        eval_time = _time(eval_step, steps, repeats)
+        return {"framework": "torch", "torch_version": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "train_per_sec": batch / train_time, "eval_per_sec": batch / eval_time,
+                "step_ms": 1e3 * train_time}
     if job["model"] == "lenet":
         model = LeNet()
         x = torch.rand(batch, 3, 32, 32)

@@ -24,6 +24,7 @@ from research import config_lib
 from research import errors
 from research import evaluate
 from research import input_pipeline
+from research import malloc
 from research import parallel
 from research import sample
 from research import summary
@@ -204,6 +205,7 @@ def guarded(fn, argv: list[str]) -> None:
     """Runs `fn(argv)` as a command: one-line errors and exit statuses (2: a
     mistake in the command, config or workdir; 1: a failure at run time)."""
     _setup_logging()
+    malloc.keep_freed_memory()
     try:
         fn(argv)
     except (errors.UserError, app.UsageError) as e:

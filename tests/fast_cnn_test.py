@@ -130,7 +130,8 @@ def test_whitening_filters_whiten_the_patches():
 def test_batch_norm_statistics_move_in_training_and_freeze_in_evaluation():
     model = _airbench()
     x = jax.random.uniform(jax.random.key(0), (16, 32, 32, 3))
-    variables = state_lib.init_variables(jax.random.key(1), model, (1, 32, 32, 3))
+    variables = model.init_from_data(state_lib.init_variables(
+        jax.random.key(1), model, (1, 32, 32, 3)), x)
     _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
                          variables["batch_stats"], updated["batch_stats"])

@@ -52,9 +52,11 @@ def available() -> bool:
     return jax.default_backend() == "cpu" and load_error() is None
 
 
-def resolve(impl: str, field: str) -> str:
+def resolve(impl: str, field: str, library: str = "research") -> str:
     """Which implementation a model option (`field`, e.g. "conv_impl") runs:
     'auto' is the kernel where it can run (built, on CPU), else XLA.
+    `library`: "research" (conv_kernels.cc, lstm_kernels.cc) or "onednn"
+    (onednn_conv.cc).
 
     Raises:
       ValueError: an unknown `impl`, or 'kernel' where the kernels cannot run.
@@ -63,21 +65,24 @@ def resolve(impl: str, field: str) -> str:
         raise ValueError(f"{field}={impl!r}; choose from {IMPLS}.")
     if _forced_xla[0]:
         return "xla"
+    ready, error = ((onednn_available, onednn_load_error) if library == "onednn"
+                    else (available, load_error))
     if impl == "auto":
-        chosen = "kernel" if available() else "xla"
-    elif impl == "kernel" and not available():
-        why = load_error() or "JAX is not running on the CPU"
+        chosen = "kernel" if ready() else "xla"
+    elif impl == "kernel" and not ready():
+        why = error() or "JAX is not running on the CPU"
         raise ValueError(f"{field}='kernel' but {why}; use 'auto' or 'xla'.")
     else:
         chosen = impl
-    _log_choice(field, impl, chosen)
+    _log_choice(field, impl, chosen, library)
     return chosen
 
 
 @functools.cache
-def _log_choice(field: str, impl: str, chosen: str) -> None:
+def _log_choice(field: str, impl: str, chosen: str, library: str) -> None:
+    where = "oneDNN" if library == "onednn" else "the C++ CPU kernel"
     logging.info("%s=%r runs on %s.", field, impl,
-                 "the C++ CPU kernel" if chosen == "kernel" else "XLA")
+                 where if chosen == "kernel" else "XLA")
 
 
 @contextlib.contextmanager
@@ -112,3 +117,67 @@ def per_device(fn: Callable, batched: tuple[bool, ...], *args: jax.Array):
     specs = tuple(P(parallel.DATA_AXIS) if b else P() for b in batched)
     return jax.shard_map(fn, in_specs=specs, out_specs=P(parallel.DATA_AXIS),
                          check_vma=False)(*args)
+
+
+# oneDNN convolutions (research/kernels/onednn_conv.cc), a second library: it
+# links libdnnl from the PyPI package onednn-cpu-gomp (oneDNN 3.2, CPU-only,
+# GNU OpenMP). $RESEARCH_ONEDNN_LIB names another libdnnl.so.3 to use.
+_ONEDNN_TARGETS = {"research_onednn_conv_fwd": "ResearchOnednnConvFwd",
+                   "research_onednn_conv_bwd_data": "ResearchOnednnConvBwdData",
+                   "research_onednn_conv_bwd_weights": "ResearchOnednnConvBwdWeights"}
+ONEDNN_DIST = "onednn-cpu-gomp"
+
+
+def _libdnnl_path() -> str | None:
+    """Where libdnnl.so.3 is: $RESEARCH_ONEDNN_LIB, else in the installed
+    onednn-cpu-gomp distribution (its wheel puts it in <prefix>/lib)."""
+    if os.environ.get("RESEARCH_ONEDNN_LIB"):
+        return os.environ["RESEARCH_ONEDNN_LIB"]
+    import importlib.metadata  # pylint: disable=g-import-not-at-top
+    try:
+        dist = importlib.metadata.distribution(ONEDNN_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if f.name == "libdnnl.so.3":
+            return str(dist.locate_file(f))
+    return None
+
+
+@functools.cache
+def onednn_load_error() -> str | None:
+    """Registers the oneDNN convolutions with XLA once; None when ready, else
+    why not (not built, oneDNN not installed, or it does not load)."""
+    libs = glob.glob(os.path.join(os.path.dirname(__file__), "_onednn_conv*.so"))
+    if not libs:
+        return ("research/kernels/_onednn_conv*.so was not built (it needs "
+                f"{ONEDNN_DIST} and onednn-devel-cpu-gomp at build time)")
+    dnnl = _libdnnl_path()
+    if dnnl is None:
+        return f"libdnnl.so.3 not found: pip install {ONEDNN_DIST}"
+    try:
+        # Loaded first, globally: the kernel library finds it by its soname.
+        ctypes.CDLL(dnnl, mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(libs[0])
+        for target, symbol in _ONEDNN_TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
+    except (OSError, AttributeError) as e:
+        return f"could not load oneDNN ({dnnl}) or {libs[0]}: {e}"
+    return None
+
+
+def onednn_available() -> bool:
+    """Whether the oneDNN convolutions can run here (built, loadable, CPU)."""
+    return jax.default_backend() == "cpu" and onednn_load_error() is None
+
+
+def onednn_isa() -> str:
+    """The instruction set oneDNN dispatches to here, e.g. avx512_core_bf16."""
+    if onednn_load_error() is not None:
+        return "unavailable"
+    lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(__file__),
+                                             "_onednn_conv*.so"))[0])
+    buf = ctypes.create_string_buffer(64)
+    lib.ResearchOnednnIsa(buf, 64)
+    return buf.value.decode()

@@ -7,10 +7,13 @@ set from the training images' patch covariance) -> GELU -> three blocks of
 (only a bias), momentum 0.6 and eps 1e-12; convolutions start as identities
 on their first input channels (Dirac), the rest PyTorch's default uniform.
 
-`conv_impl` picks the convolutions: "xla" (flax's `nn.Conv`), "kernel" (the
-C++ CPU kernel in bf16 when built) or "auto". `dtype="bfloat16"` computes
-the convolutions and activations in bf16; parameters, BatchNorm statistics
-and the logits stay float32.
+`dtype="bfloat16"` computes the convolutions and activations in bf16;
+parameters, BatchNorm statistics and the logits stay float32. `conv_impl`
+picks bf16 convolutions: "kernel" (oneDNN's, as PyTorch uses on CPUs;
+`research/kernels/onednn.py`), "xla" or "auto" (oneDNN where it runs).
+BatchNorm+GELU, GELU and max-pooling have hand-written VJPs that XLA:CPU runs
+fast (`fast_ops.py`). The first convolution of each block computes only the
+rows and columns its floor max-pool keeps (31 -> 30, 15 -> 14, 7 -> 6).
 """
 import math
 
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from research.models import fast_ops
 from research.models import impl as impl_lib
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -45,22 +49,32 @@ def _dirac_conv_init(key, shape, dtype=jnp.float32):
 
 
 class _Conv(nn.Module):
-    """3x3 'same' convolution without bias, HWIO kernel named like nn.Conv's."""
+    """3x3 convolution without bias, HWIO kernel named like nn.Conv's; `crop`
+    computes only the rows and columns a following 2x2 floor pool keeps."""
     features: int
     dtype: jnp.dtype
     conv_impl: str
+    crop: bool = False
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", _dirac_conv_init,
                             (3, 3, x.shape[-1], self.features))
-        kernels = impl_lib.conv_kernel
-        if (kernels is not None and hasattr(kernels, "conv2d_same")
-                and impl_lib.resolve(self.conv_impl, "conv_impl") == "kernel"):
-            return kernels.conv2d_same(x.astype(self.dtype), kernel)
-        return jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), (1, 1), "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        h, w = x.shape[1:3]
+        padding = ((1, 1 - h % 2), (1, 1 - w % 2)) if self.crop else ((1, 1), (1, 1))
+        return _conv(x, kernel, padding, self.dtype, self.conv_impl)
+
+
+def _conv(x, kernel, padding, dtype, conv_impl):
+    """oneDNN's bf16 convolution where it runs and the model computes in bf16,
+    else XLA's in `dtype`."""
+    onednn = impl_lib.onednn_kernel
+    if (dtype == jnp.bfloat16 and onednn is not None
+            and impl_lib.resolve(conv_impl, "conv_impl", "onednn") == "kernel"):
+        return onednn.conv2d(x, kernel, padding, out_dtype=dtype)
+    return jax.lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype), (1, 1), padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class AirbenchNet(nn.Module):
@@ -73,7 +87,7 @@ class AirbenchNet(nn.Module):
     conv_impl: str = "auto"
 
     def __post_init__(self):
-        impl_lib.resolve(self.conv_impl, "conv_impl")  # a bad value fails here
+        impl_lib.resolve(self.conv_impl, "conv_impl", "onednn")  # fails early
         super().__post_init__()
 
     @nn.compact
@@ -83,27 +97,23 @@ class AirbenchNet(nn.Module):
         x = (x - jnp.array(CIFAR_MEAN)) / jnp.array(CIFAR_STD)
         whiten = self.param("whiten_kernel", nn.initializers.zeros, (2, 2, 3, 24))
         whiten_bias = self.param("whiten_bias", nn.initializers.zeros, (24,))
-        x = jax.lax.conv_general_dilated(
-            x.astype(dtype), whiten.astype(dtype), (1, 1), "VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC")) + whiten_bias.astype(dtype)
-        x = nn.gelu(x, approximate=False)
+        x = fast_ops.bias_gelu(_conv(x, whiten, ((0, 0), (0, 0)), dtype,
+                                     self.conv_impl), whiten_bias)
         for i, width in enumerate(self.widths):
-            x = _Conv(width, dtype, self.conv_impl, name=f"block{i}_conv1")(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-            x = self._norm(x, train, f"block{i}_norm1")
+            x = _Conv(width, dtype, self.conv_impl, crop=True,
+                      name=f"block{i}_conv1")(x)
+            x = fast_ops.max_pool2(x)
+            x = fast_ops.BatchNormGelu(self.bn_momentum, 1e-12,
+                                       name=f"block{i}_norm1")(x, train=train)
             x = _Conv(width, dtype, self.conv_impl, name=f"block{i}_conv2")(x)
-            x = self._norm(x, train, f"block{i}_norm2")
-        x = x.max(axis=(1, 2)).astype(jnp.float32)
+            x = fast_ops.BatchNormGelu(self.bn_momentum, 1e-12,
+                                       name=f"block{i}_norm2")(x, train=train)
+        # Global max pool; materialised first, so that the gradient's "which
+        # input was the max" compares against exactly the values maxed.
+        x = jax.lax.optimization_barrier(x).max(axis=(1, 2)).astype(jnp.float32)
         x = nn.Dense(self.num_classes, use_bias=False,
                      kernel_init=_torch_uniform(x.shape[-1]), name="head")(x)
         return x * self.scale
-
-    def _norm(self, x, train, name):
-        """BatchNorm (bias only; statistics in float32) then GELU."""
-        y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                         epsilon=1e-12, use_scale=False, dtype=x.dtype,
-                         param_dtype=jnp.float32, name=name)(x)
-        return nn.gelu(y, approximate=False)
 
     def init_from_data(self, variables, images: jax.Array):
         """Sets the whitening filters from images [n, 32, 32, 3] in [0, 1]

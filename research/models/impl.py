@@ -7,8 +7,9 @@ try:
     from research import kernels as _kernels
     from research.kernels import conv as conv_kernel
     from research.kernels import lstm as lstm_kernel
+    from research.kernels import onednn as onednn_kernel
 except ImportError:  # research/kernels/ removed: XLA only
-    _kernels = conv_kernel = lstm_kernel = None
+    _kernels = conv_kernel = lstm_kernel = onednn_kernel = None
 
 IMPLS = ("auto", "kernel", "xla")
 
@@ -18,15 +19,15 @@ def kernels() -> ModuleType | None:
     return _kernels
 
 
-def resolve(impl: str, field: str) -> str:
+def resolve(impl: str, field: str, library: str = "research") -> str:
     """"kernel" or "xla" for a model option; "auto" takes the kernel where it
-    can run.
+    can run (`library`: see `research.kernels.resolve`).
 
     Raises:
       ValueError: an unknown `impl`, or "kernel" where the kernels cannot run.
     """
     if _kernels is not None:
-        return _kernels.resolve(impl, field)
+        return _kernels.resolve(impl, field, library)
     if impl not in IMPLS:
         raise ValueError(f"{field}={impl!r}; choose from {IMPLS}.")
     if impl == "kernel":
