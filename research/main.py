@@ -13,6 +13,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import warnings
 
 from absl import app
 from absl import flags
@@ -131,8 +132,10 @@ class _QuietLibraries:
     """Keeps libraries' chatter (every checkpoint file Orbax writes, TFDS's
     notes) out of the terminal; the log file still has their warnings."""
 
+    # asyncio: after a failed Orbax save, its abandoned write tasks are
+    # reported ("Task exception was never retrieved") at shutdown.
     _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}",
-              f"{os.sep}tensorflow{os.sep}")
+              f"{os.sep}tensorflow{os.sep}", f"{os.sep}asyncio{os.sep}")
 
     def __init__(self, threshold: int):
         self.threshold = threshold
@@ -160,6 +163,16 @@ def _setup_logging() -> None:
     # through sys.excepthook. They are harmless: into the log file with them.
     sys.excepthook = lambda *exc: logging.info("Background error", exc_info=exc)
     sys.unraisablehook = lambda u: logging.info("Background error: %s", u.exc_value)
+    # The compilation cache only saves time: failing to read or write it (a
+    # full disk) is a note for the log, not the terminal.
+    show = warnings.showwarning
+
+    def show_warning(message, category, *args, **kwargs):
+        if "persistent compilation cache" in str(message):
+            logging.info("%s: %s", category.__name__, message)
+        else:
+            show(message, category, *args, **kwargs)
+    warnings.showwarning = show_warning
 
 
 def log_to_file(workdir: str) -> None:
