@@ -96,7 +96,8 @@ def override_from_text(config: ml_collections.ConfigDict, key: str, text: str
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks names and ranges before any compute; raises UserError."""
     # Imported here: the registries pull in flax/optax, configs should not.
-    from research import augment, input_pipeline, models, state  # noqa: E402
+    from research import (augment, input_pipeline, models, state,  # noqa: E402
+                          streaming)
 
     _check_choice("model", config.model, models.MODELS)
     _check_choice("dataset", config.dataset, input_pipeline.DATASETS)
@@ -127,6 +128,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.momentum must be in [0, 1), got {config.momentum}.")
     if "augment" in config:
         augment.check(config.augment)
+    streaming.check(config)
     state.create_extras(config)  # checks their fields
 
 

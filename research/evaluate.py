@@ -20,9 +20,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     restored = experiment.restore_variables(config, workdir, step, mesh)
     # The checkpoint's dataset info (e.g. its vocabulary) saves reading it again.
     exp = experiment.build(config, mesh=mesh, info=restored.info or None)
-    data = exp.place_eval()
+    evaluation = exp.evaluation()  # in memory, or streamed (config.input)
     with jax.set_mesh(mesh):
-        totals = exp.eval_fn()(restored.variables, data, exp.aux())
+        totals = evaluation(restored.variables, exp.aux())
     result = {f"eval/{k}": float(v) for k, v in totals.compute().items()}
     logging.info("checkpoint step %d, %s[%s]: %s", restored.step, config.dataset,
                  config.eval_split, train.describe(result, config.eval_split))
