@@ -28,7 +28,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.input = "auto"
     config.stream = ml_collections.ConfigDict({
         "dir": "",                    # converted data; "": $RESEARCH_STREAM_DIR
-        "memory_limit_mb": 4096,      # "auto": larger splits stream
+        "memory_limit_mb": 4096.0,    # "auto": larger splits stream
         "threads": 2,                 # reader threads per process (Grain)
         "prefetch_steps": 16,         # batches read ahead on the host
         "device_prefetch": 2,         # chunks of steps placed on the devices ahead

@@ -6,6 +6,8 @@ python -m research.bench --config=configs/shakespeare_rnn.py --batch_sizes=64 \
     --rnn_sizes=1x256,2x256,2x512
 XLA_FLAGS=--xla_force_host_platform_device_count=2 \
     python -m research.bench --config=configs/cifar_cnn.py --num_devices=1,2 --notorch
+python -m research.bench --config=configs/cifar_cnn.py --batch_sizes=128 \
+    --inputs=memory,stream --notorch
 
 The JAX step is the trainer's own (`steps.train_steps` with data on the device,
 the state donated); PyTorch runs eagerly in another interpreter
@@ -14,12 +16,20 @@ the state donated); PyTorch runs eagerly in another interpreter
 median of `--repeats` timings of `--steps` steps. Model FLOPs come from XLA's
 cost analysis of the compiled step, or are counted for RNNs (XLA counts a loop
 body once); the peak is a float32 matmul timed here.
+
+`--inputs=stream` adds the streaming path (`streaming.py`): synthetic rows
+written as converted ArrayRecord files in a temporary folder, read by the
+trainer's own `TrainStream` (Grain threads, device prefetch) into the
+trainer's streamed chunk. It reports the step time with input (each step
+waits for its streamed batch) and without (the same compiled chunk fed one
+placed batch again and again), and the reader alone (no training).
 """
 import functools
 import json
 import os
 import statistics
 import subprocess
+import tempfile
 import time
 
 from absl import app
@@ -33,8 +43,10 @@ from ml_collections import config_flags
 from research import experiment
 from research import input_pipeline
 from research import parallel
+from research import records as records_lib
 from research import sharded_data
 from research import steps
+from research import streaming
 from research.models import impl
 
 config_flags.DEFINE_config_file("config", None, "Config to benchmark.",
@@ -47,6 +59,7 @@ flags.DEFINE_integer("steps", 20, "Steps per timing.")
 flags.DEFINE_integer("repeats", 3, "Timings per number (the median is kept).")
 flags.DEFINE_string("output", "bench.json", "Where the JSON records go.")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch model.")
+flags.DEFINE_list("inputs", ["memory"], "Input paths to time: memory, stream.")
 flags.DEFINE_string("torch_python", None, "Interpreter with torch installed.")
 FLAGS = flags.FLAGS
 
@@ -170,6 +183,81 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
             "model_flops_per_step": flops, "flops_source": flops_source}
 
 
+def bench_stream(config, batch_size: int, num_devices: int) -> dict:
+    """Times the streamed train step with and without its input, and the
+    reader alone, on synthetic rows converted to ArrayRecord."""
+    exp = experiment.build(config, mesh=parallel.create_mesh(num_devices),
+                           info={})
+    mesh = exp.mesh
+    if not streaming.can_stream(exp.dataset):
+        raise ValueError(f"dataset {config.dataset!r} cannot stream")
+    features = exp.dataset.stream_features(config)
+    steps_per_epoch = 64
+    examples = batch_size * steps_per_epoch
+    calls = 2 + FLAGS.steps * FLAGS.repeats
+    with tempfile.TemporaryDirectory() as folder:
+        rows = _synthetic_split(exp, examples)
+        records_lib.write_split(folder, "bench", "1.0.0", "train", features,
+                                [rows], examples, examples)
+        source = records_lib.Source(records_lib.open_split(
+            folder, "bench", "1.0.0", "train", features), 0, examples, "bench")
+
+        def stream(stop):
+            return streaming.TrainStream(
+                source, lambda e: np.random.default_rng(e).permutation(
+                    examples).astype(np.int32), batch_size=batch_size,
+                steps_per_epoch=steps_per_epoch, mesh=mesh, start=0, stop=stop,
+                chunk_size=lambda step: 1, options=config.stream)
+
+        state = exp.create_state(jax.random.key(0), total_steps=10_000)
+        keys = jax.device_put({"dropout": jax.random.key(1),
+                               "augment": jax.random.key(2)},
+                              parallel.replicated(mesh))
+        empty = parallel.put_replicated(exp.objective.metrics_cls.empty(), mesh)
+        spec = streaming.batch_spec(features, batch_size, mesh, 1,
+                                    extra={"index": ((), np.dtype(np.int32))})
+        holder = {"carry": (state, empty, parallel.put_replicated(np.int32(-1),
+                                                                  mesh))}
+        with jax.set_mesh(mesh):
+            compiled = exp.stream_chunk(steps_per_epoch).lower(
+                *holder["carry"], spec, keys, exp.aux()).compile()
+        # Two streams: one only read (the reader alone: batches read, stacked
+        # and placed, nothing trained), one feeding the step. Each idles once
+        # its buffers are full, so the timings below can alternate.
+        streams = {"read": stream(calls), "fed": stream(calls)}
+        position = {"read": 0, "fed": 0}
+
+        def take(name):
+            batch = streams[name].next(position[name], 1)
+            position[name] += 1
+            return batch
+
+        def train_call(batch):
+            holder["carry"] = compiled(*holder["carry"], batch, keys, exp.aux())
+            return holder["carry"][2]
+
+        placed = take("read")
+        jax.block_until_ready(train_call(take("fed")))
+        timings = {"read": [], "with": [], "without": []}
+        for _ in range(FLAGS.repeats):  # alternated: the same machine load
+            timings["read"].append(_median_time(lambda: take("read"), FLAGS.steps, 1))
+            timings["with"].append(_median_time(lambda: train_call(take("fed")),
+                                                FLAGS.steps, 1))
+            timings["without"].append(_median_time(lambda: train_call(placed),
+                                                   FLAGS.steps, 1))
+        for each in streams.values():
+            each.close()
+        read_s, with_input_s, without_input_s = (
+            statistics.median(timings[k]) for k in ("read", "with", "without"))
+    _, per_example = exp.dataset.throughput_unit(config)
+    return {"framework": "jax", "input": "stream", "devices": mesh.size,
+            "train_per_sec": batch_size * per_example / with_input_s,
+            "step_ms": 1e3 * with_input_s,
+            "step_ms_without_input": 1e3 * without_input_s,
+            "reader_per_sec": batch_size * per_example / read_s,
+            "reader_threads": config.stream.threads}
+
+
 def char_rnn_train_flops(config, batch_size: int) -> float:
     """Matmul FLOPs of a CharRNN train step: 3x the forward (fwd + 2 bwd)."""
     kw = config.model_kwargs
@@ -224,7 +312,7 @@ def main(argv):
     config = FLAGS.config
     peak = matmul_peak_flops()
     logging.info("float32 matmul peak measured: %.1f GFLOP/s", peak / 1e9)
-    records = []
+    records, streamed = [], []
     for name, variant in _variants(config):
         for batch_size in (int(b) for b in FLAGS.batch_sizes):
             for num_devices in (int(d) for d in FLAGS.num_devices):
@@ -232,6 +320,10 @@ def main(argv):
                 rec["mfu"] = (rec["model_flops_per_step"] / (rec["step_ms"] / 1e3)
                               / (peak * rec["devices"]))
                 records.append({"config": name, "batch_size": batch_size, **rec})
+                if "stream" in FLAGS.inputs:
+                    streamed.append({"config": name, "batch_size": batch_size,
+                                     **bench_stream(variant, batch_size,
+                                                    num_devices)})
             if FLAGS.torch:
                 rec = bench_torch(variant, batch_size)
                 if rec:
@@ -256,8 +348,22 @@ def main(argv):
               f"{rec.get('devices', 1):>8}{rec['train_per_sec']:>18,.0f}"
               f"{rec['eval_per_sec']:>18,.0f}{rec['step_ms']:>9.2f}"
               f"{rec['mfu']:>7.1%}{ratio:>10}")
+    if streamed:
+        print(f"streaming input ({unit}; a step with its streamed batch, without "
+              "it, and the reader alone):")
+        print(f"{'config':<22}{'batch':>6}{'devices':>8}{'train':>12}"
+              f"{'step ms':>9}{'no input':>10}{'reader':>12}{'in memory':>11}")
+        for rec in streamed:
+            memory = next(r for r in records if r["framework"] == "jax"
+                          and r["config"] == rec["config"]
+                          and r["batch_size"] == rec["batch_size"]
+                          and r["devices"] == rec["devices"])
+            print(f"{rec['config']:<22}{rec['batch_size']:>6}{rec['devices']:>8}"
+                  f"{rec['train_per_sec']:>12,.0f}{rec['step_ms']:>9.2f}"
+                  f"{rec['step_ms_without_input']:>10.2f}"
+                  f"{rec['reader_per_sec']:>12,.0f}{memory['step_ms']:>11.2f}")
     with open(FLAGS.output, "w") as f:
-        json.dump(records, f, indent=1)
+        json.dump(records + streamed, f, indent=1)
 
 
 if __name__ == "__main__":

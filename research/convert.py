@@ -32,12 +32,12 @@ flags.DEFINE_string("out_dir", None, "Where the converted data goes (the stream 
 flags.DEFINE_string("data_dir", "", "TFDS data_dir holding the prepared dataset; "
                     "'': $TFDS_DATA_DIR, else ~/tensorflow_datasets.")
 flags.DEFINE_integer("batch_size", 1024, "Examples decoded at a time (memory).")
-flags.DEFINE_integer("shard_mb", 512, "Size of each ArrayRecord file.")
+flags.DEFINE_float("shard_mb", 512, "Size of each ArrayRecord file, MB.")
 FLAGS = flags.FLAGS
 
 
 def convert(dataset_name: str, splits: list[str], out_dir: str, data_dir: str = "",
-            batch_size: int = 1024, shard_mb: int = 512) -> dict[str, int]:
+            batch_size: int = 1024, shard_mb: float = 512) -> dict[str, int]:
     """Converts named `splits` of a prepared TFDS dataset; returns the
     example count of each.
 
@@ -53,7 +53,7 @@ def convert(dataset_name: str, splits: list[str], out_dir: str, data_dir: str = 
     config = ml_collections.ConfigDict({"data_dir": data_dir, "download": False})
     features = dataset.stream_features(config)
     version = input_pipeline.dataset_version(dataset)
-    per_shard = max(1, shard_mb * 2 ** 20 // records.row_bytes(features))
+    per_shard = max(1, int(shard_mb * 2 ** 20) // records.row_bytes(features))
     counts = {}
     for split in splits:
         if input_pipeline.base_splits(split) != [split] or "[" in split:

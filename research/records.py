@@ -171,22 +171,55 @@ class Counter:
 
 
 class SplitReader:
-    """Random access to one converted split's rows; open with `open_split`."""
+    """Random access to one converted split's rows; open with `open_split`.
+
+    Reads go straight to one `ArrayRecordReader` per file (a batch's
+    positions are grouped per file with numpy): 3x faster here than Grain's
+    `ArrayRecordDataSource`, whose per-record Python bookkeeping and thread
+    pool cost more than the reads of small rows. The readers are safe to
+    share between Grain's threads, as in that data source.
+    """
 
     def __init__(self, folder: str, meta: dict[str, Any], features: Features):
-        # pylint: disable-next=g-import-not-at-top
-        from array_record.python import array_record_data_source
         self.meta, self.features = meta, features
         self.num_records = meta["num_records"]
         self.record_bytes = _record_size(features)
-        self._source = array_record_data_source.ArrayRecordDataSource(
-            [os.path.join(folder, s["file"]) for s in meta["shards"]])
+        self.paths = [os.path.join(folder, s["file"]) for s in meta["shards"]]
+        self.starts = np.cumsum([0] + [s["num_records"] for s in meta["shards"]])
+        self._readers = [None] * len(self.paths)
+        self._lock = threading.Lock()
+
+    def _reader(self, shard: int):
+        if self._readers[shard] is None:
+            with self._lock:
+                if self._readers[shard] is None:
+                    # No read-ahead: reads are random. 32 KiB buffers as
+                    # Grain's ArrayRecordDataSource uses.
+                    self._readers[shard] = _array_record().ArrayRecordReader(
+                        self.paths[shard], options="readahead_buffer_size:0",
+                        file_reader_buffer_size=32768)
+        return self._readers[shard]
+
+    def read_bytes(self, positions: np.ndarray) -> list[bytes]:
+        """The raw records at `positions` (ints in [0, num_records)), in order."""
+        positions = np.asarray(positions, np.int64)
+        if len(self.paths) == 1:
+            return self._reader(0).read(positions.tolist())
+        shard = np.searchsorted(self.starts, positions, side="right") - 1
+        out = [b""] * len(positions)
+        for s in np.unique(shard):
+            where = np.nonzero(shard == s)[0]
+            local = (positions[where] - self.starts[s]).tolist()
+            got = self._reader(int(s)).read(local)
+            for i, record in zip(where.tolist(), got):
+                out[i] = record
+        return out
 
     def read(self, positions: np.ndarray) -> Split:
         """The rows of records `positions` (int array [n]), as arrays [n, ...]."""
         n = len(positions)
-        records = self._source.__getitems__([int(p) for p in positions])
-        flat = np.frombuffer(b"".join(records), np.uint8).reshape(n, self.record_bytes)
+        flat = np.frombuffer(b"".join(self.read_bytes(positions)), np.uint8).reshape(
+            n, self.record_bytes)
         out, offset = {}, 0
         for key, (shape, dtype) in self.features.items():
             size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

@@ -48,6 +48,8 @@ from research import parallel
 from research import records
 
 INPUTS = ("auto", "memory", "stream")
+_NO_STREAM = ("config.input='stream', but dataset {!r} has no streaming rows (its "
+              "spec defines no stream_features); use --config.input=memory.")
 Batch = dict[str, jax.Array]
 
 
@@ -63,10 +65,16 @@ def check(config: ml_collections.ConfigDict) -> None:
         return
     if config.input not in INPUTS:
         raise errors.UserError(f"config.input={config.input!r}; choose from {INPUTS}.")
-    for key in ("threads", "prefetch_steps", "device_prefetch", "memory_limit_mb"):
+    if config.input == "stream" and not can_stream(
+            input_pipeline.get_dataset(config.dataset)):
+        raise errors.UserError(_NO_STREAM.format(config.dataset))
+    for key in ("threads", "prefetch_steps", "device_prefetch"):
         if config.stream[key] < 1:
             raise errors.UserError(
                 f"config.stream.{key} must be >= 1, got {config.stream[key]}.")
+    if not config.stream.memory_limit_mb > 0:
+        raise errors.UserError("config.stream.memory_limit_mb must be positive, got "
+                               f"{config.stream.memory_limit_mb}.")
 
 
 def stream_dir(config: ml_collections.ConfigDict) -> str:
@@ -97,10 +105,7 @@ def choose(config: ml_collections.ConfigDict, dataset: input_pipeline.DatasetSpe
         return "memory"
     if not can_stream(dataset):
         if mode == "stream":
-            raise errors.UserError(
-                f"config.input='stream', but dataset {config.dataset!r} has no "
-                "streaming rows (its spec defines no stream_features); use "
-                "--config.input=memory.")
+            raise errors.UserError(_NO_STREAM.format(config.dataset))
         return "memory"
     if mode == "stream":
         return "stream"
@@ -117,7 +122,7 @@ def choose(config: ml_collections.ConfigDict, dataset: input_pipeline.DatasetSpe
         return "memory"
     if not converted:
         raise errors.UserError(
-            f"Split {split!r} of {config.dataset} takes {size / 2 ** 20:,.0f} MB per "
+            f"Split {split!r} of {config.dataset} takes {size / 2 ** 20:,.1f} MB per "
             f"process, over config.stream.memory_limit_mb="
             f"{config.stream.memory_limit_mb}: stream it. Convert it once with `"
             + records.CONVERT_HINT.format(name=dataset.tfds_name,
@@ -125,7 +130,7 @@ def choose(config: ml_collections.ConfigDict, dataset: input_pipeline.DatasetSpe
                                               input_pipeline.base_splits(split)),
                                           out=stream_dir(config) or "DIR")
             + "` and set --config.stream.dir (or raise the limit).")
-    logging.info("Streaming %s[%s]: %.0f MB per process, over the %d MB limit.",
+    logging.info("Streaming %s[%s]: %.0f MB per process, over the %g MB limit.",
                  config.dataset, split, size / 2 ** 20, config.stream.memory_limit_mb)
     return "stream"
 
