@@ -489,19 +489,27 @@ def split_ranges(split: str, lengths: dict[str, int]) -> list[tuple[str, int, in
 
 def prepared_examples(dataset, config: ml_collections.ConfigDict, split: str
                       ) -> int | None:
-    """The example count of a split prepared in the TFDS data_dir, from its
-    metadata alone (nothing is read); None if unknown (not prepared, or
-    under `tfds.testing.mock_data`, whose metadata is not the data's)."""
-    data_dir = resolve_data_dir(config)
-    if _tfds_mocked() or not os.path.isdir(os.path.join(data_dir, dataset.tfds_name)):
+    """The example count of a whole named split prepared in the TFDS
+    data_dir (its newest version), from `dataset_info.json` alone: no TFDS
+    import, nothing read. None if unknown: not prepared, a sliced or summed
+    split, or under `tfds.testing.mock_data` (its metadata is not the data's)."""
+    root = os.path.join(resolve_data_dir(config), dataset.tfds_name)
+    if "[" in split or "+" in split or _tfds_mocked() or not os.path.isdir(root):
         return None
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    def version(name):
+        try:
+            return tuple(int(p) for p in name.split("."))
+        except ValueError:
+            return ()
+    versions = sorted((v for v in os.listdir(root) if version(v)), key=version)
+    path = os.path.join(root, versions[-1], "dataset_info.json") if versions else ""
     try:
-        builder = tfds.builder(dataset.tfds_name, data_dir=data_dir)
-        if not builder.is_prepared():
-            return None
-        return builder.info.splits[split].num_examples
-    except Exception:  # pylint: disable=broad-except
+        with open(path) as f:
+            splits = json.load(f).get("splits", [])
+        return sum(int(n) for s in splits if s.get("name") == split
+                   for n in s.get("shardLengths", [])) or None
+    except (OSError, ValueError):
         return None  # the in-memory read reports what is wrong, with the fix
 
 
