@@ -17,19 +17,13 @@ median of `--repeats` timings of `--steps` steps. Model FLOPs come from XLA's
 cost analysis of the compiled step, or are counted for RNNs (XLA counts a loop
 body once); the peak is a float32 matmul timed here.
 
-`--inputs=stream` adds the streaming path (`streaming.py`): synthetic rows
-written as converted ArrayRecord files in a temporary folder, read by the
-trainer's own `TrainStream` (Grain threads, device prefetch) into the
-trainer's streamed chunk. It reports the step time with input (each step
-waits for its streamed batch) and without (the same compiled chunk fed one
-placed batch again and again), and the reader alone (no training).
+`--inputs=stream` adds the streaming input path (`bench_stream.py`).
 """
 import functools
 import json
 import os
 import statistics
 import subprocess
-import tempfile
 import time
 
 from absl import app
@@ -43,10 +37,9 @@ from ml_collections import config_flags
 from research import experiment
 from research import input_pipeline
 from research import parallel
-from research import records as records_lib
+from research import bench_stream
 from research import sharded_data
 from research import steps
-from research import streaming
 from research.models import impl
 
 config_flags.DEFINE_config_file("config", None, "Config to benchmark.",
@@ -183,116 +176,6 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
             "model_flops_per_step": flops, "flops_source": flops_source}
 
 
-def bench_stream(config, batch_size: int, num_devices: int) -> dict:
-    """Times the streamed train step with and without its input, and the
-    reader alone, on synthetic rows converted to ArrayRecord."""
-    exp = experiment.build(config, mesh=parallel.create_mesh(num_devices),
-                           info={})
-    mesh = exp.mesh
-    if not streaming.can_stream(exp.dataset):
-        raise ValueError(f"dataset {config.dataset!r} cannot stream")
-    features = exp.dataset.stream_features(config)
-    steps_per_epoch = 64
-    examples = batch_size * steps_per_epoch
-    calls = 2 + FLAGS.steps * FLAGS.repeats
-    with tempfile.TemporaryDirectory() as folder:
-        rows = _synthetic_split(exp, examples)
-        records_lib.write_split(folder, "bench", "1.0.0", "train", features,
-                                [rows], examples, examples)
-        source = records_lib.Source(records_lib.open_split(
-            folder, "bench", "1.0.0", "train", features), 0, examples, "bench")
-
-        def stream(stop):
-            return streaming.TrainStream(
-                source, lambda e: np.random.default_rng(e).permutation(
-                    examples).astype(np.int32), batch_size=batch_size,
-                steps_per_epoch=steps_per_epoch, mesh=mesh, start=0, stop=stop,
-                chunk_size=lambda step: 1, options=config.stream)
-
-        state = exp.create_state(jax.random.key(0), total_steps=10_000)
-        keys = jax.device_put({"dropout": jax.random.key(1),
-                               "augment": jax.random.key(2)},
-                              parallel.replicated(mesh))
-        empty = parallel.put_replicated(exp.objective.metrics_cls.empty(), mesh)
-        spec = streaming.batch_spec(features, batch_size, mesh, 1,
-                                    extra={"index": ((), np.dtype(np.int32))})
-        bad = parallel.put_replicated(np.int32(-1), mesh)
-        holder = {"carry": (state, empty, bad)}
-        # The in-memory path's chunk on the same rows, timed in the same loop.
-        placed_rows, row_of = sharded_data.place_rows(
-            input_pipeline.Shard(rows, (examples,)), mesh)
-        memory_args = ({"rows": placed_rows, "row_of": row_of},
-                       parallel.put_replicated(np.random.default_rng(1).permutation(
-                           examples).astype(np.int32), mesh), keys, exp.aux())
-        memory_state = exp.create_state(jax.random.key(0), total_steps=10_000)
-        memory_holder = {"carry": (memory_state, parallel.put_replicated(
-            exp.objective.metrics_cls.empty(), mesh),
-            parallel.put_replicated(np.int32(-1), mesh))}
-        with jax.set_mesh(mesh):
-            compiled = exp.stream_chunk(steps_per_epoch).lower(
-                *holder["carry"], spec, keys, exp.aux()).compile()
-            in_memory = exp.train_chunk(1, batch_size).lower(
-                *memory_holder["carry"], *memory_args).compile()
-
-        def memory_call():
-            memory_holder["carry"] = in_memory(*memory_holder["carry"], *memory_args)
-            return memory_holder["carry"][2]
-
-        # The reader alone (batches read, stacked and placed, nothing
-        # trained), past what it read ahead: a capacity, not a ratio.
-        drain = 64
-        streams = {"read": stream(drain + 2 * calls)}
-        position = {"read": 0}
-
-        waited = {"s": 0.0}
-
-        def take(name):
-            start = time.perf_counter()
-            batch = streams[name].next(position[name], 1)
-            waited["s"] += time.perf_counter() - start
-            position[name] += 1
-            return batch
-
-        def train_call(batch):
-            holder["carry"] = compiled(*holder["carry"], batch, keys, exp.aux())
-            return holder["carry"][2]
-
-        placed = take("read")
-        for _ in range(drain):
-            take("read")
-        read_s = _median_time(lambda: take("read"), 2 * FLAGS.steps, FLAGS.repeats)
-        streams["read"].close()
-        # The streamed step with and without its input and the in-memory
-        # step, alternated in one loop: the same machine load for each.
-        streams["fed"], position["fed"] = stream(calls), 0
-        jax.block_until_ready(train_call(take("fed")))
-        jax.block_until_ready(memory_call())
-        timings = {"with": [], "without": [], "wait": [], "memory": []}
-        for _ in range(FLAGS.repeats):
-            waited["s"] = 0.0
-            timings["with"].append(_median_time(lambda: train_call(take("fed")),
-                                                FLAGS.steps, 1))
-            timings["wait"].append(waited["s"] / FLAGS.steps)
-            timings["without"].append(_median_time(lambda: train_call(placed),
-                                                   FLAGS.steps, 1))
-            timings["memory"].append(_median_time(memory_call, FLAGS.steps, 1))
-        streams["fed"].close()
-        with_input_s, without_input_s, wait_s, memory_s = (
-            statistics.median(timings[k])
-            for k in ("with", "without", "wait", "memory"))
-    _, per_example = exp.dataset.throughput_unit(config)
-    return {"framework": "jax", "input": "stream", "devices": mesh.size,
-            "train_per_sec": batch_size * per_example / with_input_s,
-            "step_ms": 1e3 * with_input_s,
-            "step_ms_without_input": 1e3 * without_input_s,
-            # Time the step spent waiting for its batch: ~0 when the reader
-            # keeps up (it then costs only the CPU time it shares).
-            "wait_ms": 1e3 * wait_s,
-            "step_ms_in_memory": 1e3 * memory_s,  # timed in the same loop
-            "reader_per_sec": batch_size * per_example / read_s,
-            "reader_threads": config.stream.threads}
-
-
 def char_rnn_train_flops(config, batch_size: int) -> float:
     """Matmul FLOPs of a CharRNN train step: 3x the forward (fwd + 2 bwd)."""
     kw = config.model_kwargs
@@ -357,8 +240,10 @@ def main(argv):
                 records.append({"config": name, "batch_size": batch_size, **rec})
                 if "stream" in FLAGS.inputs:
                     streamed.append({"config": name, "batch_size": batch_size,
-                                     **bench_stream(variant, batch_size,
-                                                    num_devices)})
+                                     **bench_stream.bench_stream(
+                                         variant, batch_size, num_devices,
+                                         steps=FLAGS.steps, repeats=FLAGS.repeats,
+                                         synthetic_fn=_synthetic_split)})
             if FLAGS.torch:
                 rec = bench_torch(variant, batch_size)
                 if rec:

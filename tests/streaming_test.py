@@ -415,3 +415,21 @@ def test_real_cifar10_streams_bitwise_like_memory(tmp_path):
     assert results["stream"]["step"] == 500
     train_test.assert_trees_equal(trained["stream"], trained["memory"])
     assert results["stream"]["eval/accuracy"] == results["memory"]["eval/accuracy"]
+
+
+def test_benchmark_times_the_streamed_step():
+    """`research.bench --inputs=stream` on a tiny setting: every number there.
+    (research.bench itself defines flags that clash with research.main's.)"""
+    from research import bench_stream  # pylint: disable=g-import-not-at-top
+
+    def synthetic(exp, examples):
+        rng = np.random.default_rng(0)
+        return {"image": rng.integers(0, 256, (examples, 32, 32, 3), np.uint8),
+                "label": rng.integers(0, 10, examples, np.int32)}
+    config = config_lib.load_config(SMOKE, {"stream.prefetch_steps": 2})
+    rec = bench_stream.bench_stream(config, 8, 1, steps=2, repeats=1,
+                                    synthetic_fn=synthetic)
+    for key in ("train_per_sec", "step_ms", "step_ms_without_input", "wait_ms",
+                "step_ms_in_memory", "reader_per_sec"):
+        assert np.isfinite(rec[key]) and rec[key] >= 0, rec
+    assert rec["input"] == "stream" and rec["devices"] == 1
