@@ -1,33 +1,23 @@
 """The streaming input path: splits larger than memory, read step by step.
 
-The in-memory path (`sharded_data.py`) reads a split whole onto the devices.
 A streamed split stays on disk as ArrayRecord files of ready rows
-(`records.py`, written by `python -m research.convert`), and every process
+(`records.py`, written by `python -m research.convert`); every process
 reads, for each step, only the rows its own devices take of the global
-batch. The data order is the in-memory path's: the batch of step s is
-examples `order[k * B:(k + 1) * B]` of the permutation of epoch
-`s // steps_per_epoch`, with k = s % steps_per_epoch. So both paths feed
-the same rows, with the same example numbers (`index`, which keys the
-on-device augmentation), to the same jitted step: the trained parameters
-are bitwise equal.
+batch. The order is the in-memory path's (the batch of step s is examples
+`order[k * B:(k + 1) * B]` of epoch `s // steps_per_epoch`'s permutation,
+k = s % steps_per_epoch), so both paths feed the same rows and example
+numbers (`index`: the augmentation keys) to the same step: the parameters
+are bitwise equal. The reader's position is the step's, so nothing of it is
+checkpointed. Per process:
 
-The reader's position is a function of the step, so nothing about it is
-checkpointed: a run resumed from the checkpoint of step s starts reading at
-step s (any process or device count, any number of reader threads).
+    Grain MapDataset over groups of steps --(threads: read, decode)--> host
+    buffer (`prefetch_steps` batches) --(filler thread: stack a chunk and
+    place it over the data axis)--> device queue (`device_prefetch` chunks)
+    --> the jitted chunk of `steps_per_call` steps.
 
-Data flow per process:
-
-    Grain MapDataset over steps --(threads: read + decode rows)--> host
-    buffer (`prefetch_steps` batches) --(filler thread: stack a chunk, place
-    it with jax.make_array_from_process_local_data)--> device queue
-    (`device_prefetch` chunks) --> the jitted chunk of `steps_per_call` steps.
-
-Memory is bounded by those depths, never by the split: the only per-split
-state on the host is the epoch's order, 4 bytes per example.
-
-`config.input` chooses the path per split: "memory", "stream", or "auto"
-(stream a split whose rows would take more than `stream.memory_limit_mb`
-per process; keep smaller ones in memory).
+Memory is bounded by those depths, never by the split (the epoch's order,
+4 bytes an example, is the only per-split host state). `config.input`
+picks the path per split (`choose`). Design and numbers: docs/streaming.md.
 """
 import dataclasses
 import functools
