@@ -21,6 +21,18 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.download = False           # let TFDS download when the data is not prepared
     config.train_split = "train"      # TFDS split (slicing allowed, e.g. "train[:10%]")
     config.eval_split = "test"        # evaluated whole after every epoch
+    # Input path: "memory" reads a split whole onto the devices; "stream" reads
+    # each step's rows from ArrayRecord files (python -m research.convert);
+    # "auto" streams a converted split larger than stream.memory_limit_mb per
+    # process. Both paths give the same batches (README, "Data larger than memory").
+    config.input = "auto"
+    config.stream = ml_collections.ConfigDict({
+        "dir": "",                    # converted data; "": $RESEARCH_STREAM_DIR
+        "memory_limit_mb": 4096.0,    # "auto": larger splits stream
+        "threads": 2,                 # reader threads per process (Grain)
+        "prefetch_steps": 16,         # batches read ahead on the host
+        "device_prefetch": 2,         # chunks of steps placed on the devices ahead
+    })
     # Model.
     config.model = "lenet"            # key of models.MODELS
     # conv_impl: "auto" runs the convolutions in the C++ CPU kernel where it is

@@ -20,6 +20,20 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.train_split = "train"      # the vocabulary is built from "train"
     config.eval_split = "validation"  # scored whole after every epoch
     config.seq_len = 128              # characters per training window (BPTT length)
+    # Input path: "memory" reads a split whole onto the devices; "stream" reads
+    # each step's rows from ArrayRecord files (python -m research.convert);
+    # "auto" streams a converted split larger than stream.memory_limit_mb per
+    # process. Both paths give the same batches (README, "Data larger than memory").
+    # This text is one TFDS record cut into windows: it has no streamed rows,
+    # so "auto" keeps it in memory and "stream" is refused.
+    config.input = "auto"
+    config.stream = ml_collections.ConfigDict({
+        "dir": "",                    # converted data; "": $RESEARCH_STREAM_DIR
+        "memory_limit_mb": 4096.0,    # "auto": larger splits stream
+        "threads": 2,                 # reader threads per process (Grain)
+        "prefetch_steps": 16,         # batches read ahead on the host
+        "device_prefetch": 2,         # chunks of steps placed on the devices ahead
+    })
     # Model.
     config.model = "char_rnn"         # key of models.MODELS
     config.model_kwargs = ml_collections.ConfigDict({

@@ -15,7 +15,7 @@ its views' logits is scored) and `final_eval_views` (the same for the last
 evaluation of a run; "": as `eval_views`), so that a costly one need not run
 after every epoch.
 """
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

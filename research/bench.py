@@ -6,6 +6,8 @@ python -m research.bench --config=configs/shakespeare_rnn.py --batch_sizes=64 \
     --rnn_sizes=1x256,2x256,2x512
 XLA_FLAGS=--xla_force_host_platform_device_count=2 \
     python -m research.bench --config=configs/cifar_cnn.py --num_devices=1,2 --notorch
+python -m research.bench --config=configs/cifar_cnn.py --batch_sizes=128 \
+    --inputs=memory,stream --notorch
 
 The JAX step is the trainer's own (`steps.train_steps` with data on the device,
 the state donated); PyTorch runs eagerly in another interpreter
@@ -17,6 +19,8 @@ twin), or, for RNNs, from the multiply-adds counted in the traced model (XLA
 counts a loop body once; `costs.py`); the peak is a float32 matmul timed here,
 doubled for models that compute in bfloat16 (AVX-512 BF16's dot product does
 twice the multiply-adds of a float32 FMA per instruction).
+
+`--inputs=stream` adds the streaming input path (`bench_stream.py`).
 """
 import functools
 import json
@@ -33,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from research import bench_stream
 from research import costs
 from research import experiment
 from research import input_pipeline
@@ -50,6 +55,7 @@ flags.DEFINE_integer("steps", 20, "Steps per timing.")
 flags.DEFINE_integer("repeats", 3, "Timings per number (the median is kept).")
 flags.DEFINE_string("output", "bench.json", "Where the JSON records go.")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch model.")
+flags.DEFINE_list("inputs", ["memory"], "Input paths to time: memory, stream.")
 flags.DEFINE_string("torch_python", None, "Interpreter with torch installed.")
 FLAGS = flags.FLAGS
 
@@ -181,7 +187,7 @@ def main(argv):
     logging.info("float32 matmul peak measured: %.1f GFLOP/s", peak / 1e9)
     if config.model_kwargs.get("dtype") == "bfloat16":
         peak *= 2.0
-    records = []
+    records, streamed = [], []
     for name, variant in _variants(config):
         for batch_size in (int(b) for b in FLAGS.batch_sizes):
             for num_devices in (int(d) for d in FLAGS.num_devices):
@@ -189,6 +195,12 @@ def main(argv):
                 rec["mfu"] = (rec["model_flops_per_step"] / (rec["step_ms"] / 1e3)
                               / (peak * rec["devices"]))
                 records.append({"config": name, "batch_size": batch_size, **rec})
+                if "stream" in FLAGS.inputs:
+                    streamed.append({"config": name, "batch_size": batch_size,
+                                     **bench_stream.bench_stream(
+                                         variant, batch_size, num_devices,
+                                         steps=FLAGS.steps, repeats=FLAGS.repeats,
+                                         synthetic_fn=costs.synthetic_rows)})
             if FLAGS.torch:
                 rec = bench_torch(variant, batch_size)
                 if rec:
@@ -215,8 +227,21 @@ def main(argv):
               f"{rec.get('devices', 1):>8}{rec['train_per_sec']:>18,.0f}"
               f"{rec['eval_per_sec']:>18,.0f}{rec['step_ms']:>9.2f}"
               f"{rec['mfu']:>7.1%}{ratio:>10}")
+    if streamed:
+        print(f"streaming input ({unit}; step ms with its streamed batch, the time "
+              "it waited for it, without it, the reader alone, and the in-memory "
+              "step, all timed in one alternating loop):")
+        print(f"{'config':<22}{'batch':>6}{'devices':>8}{'train':>12}"
+              f"{'step ms':>9}{'waited':>8}{'no input':>10}{'reader':>12}"
+              f"{'in memory':>11}")
+        for rec in streamed:
+            print(f"{rec['config']:<22}{rec['batch_size']:>6}{rec['devices']:>8}"
+                  f"{rec['train_per_sec']:>12,.0f}{rec['step_ms']:>9.2f}"
+                  f"{rec['wait_ms']:>8.2f}{rec['step_ms_without_input']:>10.2f}"
+                  f"{rec['reader_per_sec']:>12,.0f}"
+                  f"{rec['step_ms_in_memory']:>11.2f}")
     with open(FLAGS.output, "w") as f:
-        json.dump(records, f, indent=1)
+        json.dump(records + streamed, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks names and ranges before any compute; raises UserError."""
     # Imported here: the registries pull in flax/optax, configs should not.
     from research import augment, input_pipeline, models, optimizers  # noqa: E402
-    from research import state  # noqa: E402
+    from research import state, streaming  # noqa: E402
     from research.compression import prune  # noqa: E402
 
     _check_choice("model", config.model, models.MODELS)
@@ -130,6 +130,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.momentum must be in [0, 1), got {config.momentum}.")
     if "augment" in config:
         augment.check(config.augment)
+    streaming.check(config)
     state.create_extras(config)  # checks their fields
     prune.check_options(config.prune)
 

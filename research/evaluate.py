@@ -22,7 +22,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None):
     restored = experiment.restore_variables(config, workdir, step, mesh)
     # The checkpoint's dataset info (e.g. its vocabulary) saves reading it again.
     exp = experiment.build(config, mesh=mesh, info=restored.info or None)
-    return restored, exp, exp.place_eval()
+    return restored, exp, exp.evaluation()  # in memory, or streamed (config.input)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -33,9 +33,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       The eval metrics ("eval/loss", "eval/accuracy", ...) over the whole
       `config.eval_split` (with the config's test-time views), and "step".
     """
-    restored, exp, data = _restore(config, workdir, step)
+    restored, exp, evaluation = _restore(config, workdir, step)
     with jax.set_mesh(exp.mesh):
-        totals = exp.eval_fn(final=True)(restored.variables, data, exp.aux())
+        totals = evaluation(restored.variables, exp.aux(), final=True)
     result = {f"eval/{k}": float(v) for k, v in totals.compute().items()}
     logging.info("checkpoint step %d, %s[%s]: %s", restored.step, config.dataset,
                  config.eval_split, writers.describe(result, config.eval_split))
@@ -56,11 +56,14 @@ def predictions(exp: experiment.Experiment, variables: PyTree,
 
 
 def write_plots(exp: experiment.Experiment, variables: PyTree,
-                data: dict[str, jax.Array], workdir: str) -> list[str]:
+                data: dict[str, jax.Array] | None, workdir: str) -> list[str]:
     """The run's curves and, for classifiers, the eval split's confusion
-    matrix, as PNGs in `<workdir>/plots/` (process 0 writes them)."""
+    matrix, as PNGs in `<workdir>/plots/` (process 0 writes them). `data`:
+    the placed eval split; None (a streamed one) skips the matrix."""
     paths = []
-    if "label" in data:
+    if data is None:
+        logging.info("The eval split is streamed: no confusion matrix.")
+    elif "label" in data:
         labels, predicted = predictions(exp, variables, data)
         num_classes = exp.info.get("num_classes") or int(labels.max()) + 1
         names = exp.info.get("class_names") or [str(i) for i in range(num_classes)]
@@ -76,5 +79,5 @@ def write_plots(exp: experiment.Experiment, variables: PyTree,
 def plot(config: ml_collections.ConfigDict, workdir: str,
          step: int | None = None) -> list[str]:
     """`--mode=plot`: the plots of `write_plots` for an existing workdir."""
-    restored, exp, data = _restore(config, workdir, step)
-    return write_plots(exp, restored.variables, data, workdir)
+    restored, exp, evaluation = _restore(config, workdir, step)
+    return write_plots(exp, restored.variables, evaluation.data, workdir)

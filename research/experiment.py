@@ -9,9 +9,11 @@ import dataclasses
 import functools
 from typing import Any, NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import linen as nn
 
 from research import augment
@@ -24,6 +26,7 @@ from research import parallel
 from research import sharded_data
 from research import state as state_lib
 from research import steps
+from research import streaming
 from research.compression import quantize
 
 PyTree = Any
@@ -109,6 +112,16 @@ class Experiment:
             pipeline=self.pipeline(train=True)),
             out_shardings=parallel.replicated(self.mesh), donate_argnums=(0, 1, 2))
 
+    def stream_chunk(self, steps_per_epoch: int):
+        """`steps.stream_steps` jitted as the trainer runs it on streamed
+        batches (their chunk's length is the step count): state and metrics
+        donated, outputs replicated."""
+        return jax.jit(functools.partial(
+            steps.stream_steps, steps_per_epoch=steps_per_epoch,
+            grad_accum_steps=self.config.grad_accum_steps,
+            pipeline=self.pipeline(train=True)),
+            out_shardings=parallel.replicated(self.mesh), donate_argnums=(0, 1, 2))
+
     def eval_fn(self, final: bool = False):
         """`(variables, data, aux) -> metrics` over a whole placed split
         (`final`: with the last evaluation's test-time augmentation)."""
@@ -124,15 +137,90 @@ class Experiment:
             pipeline=self.pipeline(train=False)),
             out_shardings=parallel.replicated(self.mesh))
 
+    def eval_batch_fn(self, final: bool = False):
+        """`(variables, totals, batch, aux) -> totals`, one streamed batch more."""
+        return jax.jit(functools.partial(
+            steps.eval_merge, self.model.apply,
+            pipeline=self.pipeline(train=False, final=final)),
+            out_shardings=parallel.replicated(self.mesh), donate_argnums=(1,))
+
     def aux(self) -> PyTree:
         """The step's extra inputs (e.g. a teacher's variables), replicated."""
         load = getattr(self.objective, "load_aux", None)
         return {} if load is None else load(self.mesh)
 
+    def evaluation(self) -> "Evaluation":
+        """The evaluation split, in memory or streamed, with its scorer."""
+        return Evaluation(self)
+
     def place_eval(self) -> dict[str, jax.Array]:
         """The evaluation split on the devices, in `eval_fn`'s layout."""
         rows = self.dataset.eval_rows(self.config, self.info)
         return sharded_data.place_eval(rows, self.config.eval_batch_size, self.mesh)
+
+
+class Evaluation:
+    """The evaluation split and the compiled functions that score it: placed
+    whole on the devices (`config.input` "memory"), or streamed a batch at a
+    time, each process reading its rows of every batch ("stream"; a split
+    too large for memory, see `streaming.choose`). Both score every example
+    once; accuracy agrees exactly, the loss up to summation order. The final
+    evaluation of a run may use costlier test-time views
+    (`augment.final_eval_views`): `__call__(..., final=True)`."""
+
+    def __init__(self, exp: Experiment):
+        self.exp = exp
+        config = exp.config
+        self.mode = streaming.choose(config, exp.dataset, config.eval_split)
+        self.fns = {}  # final -> compiled
+        self.data = None
+        if self.mode == "memory":
+            self.data = exp.place_eval()
+        else:
+            self.source = streaming.open_source(config, exp.dataset, config.eval_split)
+            logging.info("Evaluation streams %s: %d examples.",
+                         self.source.description, self.source.num_examples)
+        # The final evaluation's function is the usual one if its views are.
+        self.final_differs = exp.pipeline(train=False, final=True).views != (
+            exp.pipeline(train=False).views)
+
+    def compile(self, variables: PyTree, aux: PyTree, final: bool = False) -> None:
+        """Compiles ahead of time (call under `jax.set_mesh`)."""
+        final = final and self.final_differs
+        if final in self.fns:
+            return
+        if self.mode == "memory":
+            self.fns[final] = self.exp.eval_fn(final).lower(
+                variables, self.data, aux).compile()
+            return
+        batch = streaming.batch_spec(
+            self.source.features, self.exp.config.eval_batch_size, self.exp.mesh,
+            extra={"mask": ((), np.dtype(bool))})
+        self.fns[final] = self.exp.eval_batch_fn(final).lower(
+            variables, self._empty(), batch, aux).compile()
+
+    def _empty(self) -> PyTree:
+        return parallel.put_replicated(self.exp.objective.metrics_cls.empty(),
+                                       self.exp.mesh)
+
+    def __call__(self, variables: PyTree, aux: PyTree, final: bool = False):
+        """The metrics collection over the whole split."""
+        final = final and self.final_differs
+        if final not in self.fns:
+            with jax.set_mesh(self.exp.mesh):
+                self.compile(variables, aux, final)
+        fn = self.fns[final]
+        if self.mode == "memory":
+            return fn(variables, self.data, aux)
+        totals, config = self._empty(), self.exp.config
+        for batch in streaming.eval_batches(self.source, config.eval_batch_size,
+                                            self.exp.mesh, config.stream):
+            totals = fn(variables, totals, batch, aux)
+        reads, index_sum = self.source.counter.take()
+        logging.info("process %d of %d read %d records of %s for evaluation "
+                     "(example numbers sum to %d)", jax.process_index(),
+                     jax.process_count(), reads, self.source.description, index_sum)
+        return totals
 
 
 def input_shape(config: ml_collections.ConfigDict,

@@ -7,6 +7,11 @@ training example, and one per evaluation example or stream (`train_rows`,
 `eval_rows`). In a multi-process job each process reads and keeps only its
 share of the rows (`Shard`); `sharded_data` places the shares on the devices.
 Adding a dataset is one spec plus a line in `DATASETS`.
+
+Splits larger than memory stream instead (`streaming.py`) from ArrayRecord
+files of the same rows, written once by `python -m research.convert`; this
+module gives it what needs TFDS: the rows of a split in order
+(`convert_batches`), the dataset's version and split arithmetic.
 """
 import dataclasses
 import hashlib
@@ -15,7 +20,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 from absl import logging
 import jax
@@ -95,6 +100,19 @@ class DatasetSpec(Protocol):
     def throughput_unit(self, config: ml_collections.ConfigDict) -> tuple[str, int]:
         """What speed is counted in, and how many of it an example holds."""
 
+    # Optional, for streaming (`config.input`): a spec without these methods
+    # keeps its splits in memory, and `config.input="stream"` is refused.
+    #
+    # def stream_features(self, config) -> records.Features:
+    #     """One training/evaluation row's features: name -> (shape, dtype).
+    #     Streamed splits hold one such row per example, exactly the rows
+    #     `train_rows` and `eval_rows` give."""
+    #
+    # def convert_batches(self, config, split, batch_size
+    #                     ) -> tuple[int, Iterator[Split]]:
+    #     """A split's example count and its rows in split order, a batch at a
+    #     time (never the whole split at once), for `research.convert`."""
+
 
 def even_bounds(n: int, parts: int) -> np.ndarray:
     """Where n rows split into `parts` nearly equal contiguous pieces."""
@@ -126,9 +144,26 @@ class ImageClassification:
         return self.image_shape
 
     def load(self, config: ml_collections.ConfigDict, split: str) -> Split:
-        parts = _read_tfds(self, config, split, ("image", "label"))
+        return self._rows(_read_tfds(self, config, split, ("image", "label")))
+
+    @staticmethod
+    def _rows(parts: Split) -> Split:
         return {"image": parts["image"].astype(np.uint8),
                 "label": parts["label"].astype(np.int32)}
+
+    def stream_features(self, config: ml_collections.ConfigDict
+                        ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """A row's features when streamed: the same rows as `load`."""
+        del config
+        return {"image": (tuple(self.image_shape), np.dtype(np.uint8)),
+                "label": ((), np.dtype(np.int32))}
+
+    def convert_batches(self, config: ml_collections.ConfigDict, split: str,
+                        batch_size: int) -> tuple[int, Iterator[Split]]:
+        """The split's size and its rows in split order, `batch_size` at a time."""
+        num, batches = iter_tfds(self, config, split, ("image", "label"),
+                                 batch_size)
+        return num, (self._rows(parts) for parts in batches)
 
     def train_rows(self, config: ml_collections.ConfigDict,
                    info: dict[str, Any]) -> Shard:
@@ -343,27 +378,7 @@ def _decode_tfds(dataset, config: ml_collections.ConfigDict, data_dir: str,
     """Reads and decodes `features` of a TFDS split with TFDS."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     start = time.perf_counter()
-    try:
-        try:
-            ds = tfds.load(dataset.tfds_name, split=split, data_dir=data_dir,
-                           download=False, shuffle_files=False)
-        except AssertionError:  # not prepared under data_dir
-            if not config.download:
-                raise
-            _check_reachable(dataset.download_host, dataset.tfds_name, data_dir)
-            ds = tfds.load(dataset.tfds_name, split=split, data_dir=data_dir,
-                           download=True, shuffle_files=False)
-    except (AssertionError, tfds.core.registered.DatasetNotFoundError) as e:
-        raise errors.UserError(
-            f"Dataset {dataset.tfds_name!r} is not prepared in data_dir "
-            f"{data_dir!r} ({type(e).__name__}: {str(e).splitlines()[0]}). Fix: point "
-            f"--config.data_dir or $TFDS_DATA_DIR at a TFDS data_dir that holds "
-            f"{dataset.tfds_name}/ (in this project: ../shared/tensorflow_datasets), "
-            f"or, on a machine with network access, pass --config.download=True."
-        ) from None
-    except ValueError as e:  # bad split syntax or an unknown split name
-        raise errors.UserError(f"Bad split {split!r} for {dataset.tfds_name}: "
-                               f"{str(e).splitlines()[0]}") from None
+    ds = _load_tfds(dataset, config, data_dir, split)
     parts = {key: [] for key in features}
     # Never batch_size=-1: it aborts the process under tfds.testing.mock_data.
     for batch in tfds.as_numpy(ds.batch(10_000)):
@@ -376,6 +391,133 @@ def _decode_tfds(dataset, config: ml_collections.ConfigDict, data_dir: str,
                  split, len(arrays[features[0]]), data_dir,
                  time.perf_counter() - start)
     return arrays
+
+
+def _load_tfds(dataset, config: ml_collections.ConfigDict, data_dir: str,
+               split: str):
+    """`tfds.load` of a split in file order, with one-line errors (and a
+    download only when the config allows it and the host is reachable)."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    try:
+        try:
+            return tfds.load(dataset.tfds_name, split=split, data_dir=data_dir,
+                             download=False, shuffle_files=False)
+        except AssertionError:  # not prepared under data_dir
+            if not config.download:
+                raise
+            _check_reachable(dataset.download_host, dataset.tfds_name, data_dir)
+            return tfds.load(dataset.tfds_name, split=split, data_dir=data_dir,
+                             download=True, shuffle_files=False)
+    except (AssertionError, tfds.core.registered.DatasetNotFoundError) as e:
+        raise errors.UserError(
+            f"Dataset {dataset.tfds_name!r} is not prepared in data_dir "
+            f"{data_dir!r} ({type(e).__name__}: {str(e).splitlines()[0]}). Fix: point "
+            f"--config.data_dir or $TFDS_DATA_DIR at a TFDS data_dir that holds "
+            f"{dataset.tfds_name}/ (in this project: ../shared/tensorflow_datasets), "
+            f"or, on a machine with network access, pass --config.download=True."
+        ) from None
+    except ValueError as e:  # bad split syntax or an unknown split name
+        raise errors.UserError(f"Bad split {split!r} for {dataset.tfds_name}: "
+                               f"{str(e).splitlines()[0]}") from None
+
+
+def iter_tfds(dataset, config: ml_collections.ConfigDict, split: str,
+              features: tuple[str, ...], batch_size: int
+              ) -> tuple[int, Iterator[Split]]:
+    """A TFDS split's example count and its `features` in the in-memory
+    path's order (`tfds.load` without shuffling), `batch_size` examples at a
+    time: memory stays bounded by the batch, whatever the split's size."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    data_dir = resolve_data_dir(config)
+    ds = _load_tfds(dataset, config, data_dir, split)
+    num = tfds.builder(dataset.tfds_name, data_dir=data_dir).info.splits[
+        split].num_examples
+
+    def batches():
+        for batch in tfds.as_numpy(ds.batch(batch_size)):
+            yield {k: batch[k] for k in features}
+    return num, batches()
+
+
+def split_files(dataset, config: ml_collections.ConfigDict, split: str) -> int:
+    """How many files TFDS stored a prepared split in (it reads several
+    interleaved, so a slice of such a split is not a range of its order)."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder = tfds.builder(dataset.tfds_name, data_dir=resolve_data_dir(config))
+    return builder.info.splits[split].num_shards
+
+
+def dataset_version(dataset) -> str:
+    """The TFDS version of `dataset` that this code reads (its builder's)."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    try:
+        return str(tfds.builder_cls(dataset.tfds_name).VERSION)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise errors.UserError(
+            f"TFDS has no dataset {dataset.tfds_name!r} "
+            f"({str(e).splitlines()[0]}).") from None
+
+
+def base_splits(split: str) -> list[str]:
+    """The named splits a TFDS split string reads ("train[:10%]+test" ->
+    ["train", "test"])."""
+    names = [part.split("[")[0].strip() for part in split.split("+")]
+    return list(dict.fromkeys(names))
+
+
+def split_ranges(split: str, lengths: dict[str, int]) -> list[tuple[str, int, int]]:
+    """A TFDS split string as (named split, start, stop) ranges, in reading
+    order, with TFDS's own slicing rules (percent rounding, negative ends).
+
+    Raises:
+      UserError: a split string TFDS cannot parse or slice.
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    class _Info:  # what TFDS's slicing reads of a split
+        def __init__(self, n):
+            self.num_examples, self.shard_lengths = n, [n]
+    try:
+        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(
+            {name: _Info(n) for name, n in lengths.items()})
+    except (ValueError, AssertionError) as e:
+        raise errors.UserError(f"Bad split {split!r}: "
+                               f"{str(e).splitlines()[0]}") from None
+    out = []
+    for ins in instructions:
+        n = lengths[ins.splitname]
+        start = 0 if ins.from_ is None else ins.from_
+        stop = n if ins.to is None else ins.to
+        # TFDS resolves negative ends already; this keeps both in [0, n].
+        start, stop = (min(max(v + n if v < 0 else v, 0), n) for v in (start, stop))
+        out.append((ins.splitname, int(start), int(stop)))
+    return out
+
+
+def prepared_examples(dataset, config: ml_collections.ConfigDict, split: str
+                      ) -> int | None:
+    """The example count of a whole named split prepared in the TFDS
+    data_dir (its newest version), from `dataset_info.json` alone: no TFDS
+    import, nothing read. None if unknown: not prepared, a sliced or summed
+    split, or under `tfds.testing.mock_data` (its metadata is not the data's)."""
+    root = os.path.join(resolve_data_dir(config), dataset.tfds_name)
+    if "[" in split or "+" in split or _tfds_mocked() or not os.path.isdir(root):
+        return None
+
+    def version(name):
+        try:
+            return tuple(int(p) for p in name.split("."))
+        except ValueError:
+            return ()
+    versions = sorted((v for v in os.listdir(root) if version(v)), key=version)
+    path = os.path.join(root, versions[-1], "dataset_info.json") if versions else ""
+    try:
+        with open(path) as f:
+            splits = json.load(f).get("splits", [])
+        return sum(int(n) for s in splits if s.get("name") == split
+                   for n in s.get("shardLengths", [])) or None
+    except (OSError, ValueError):
+        return None  # the in-memory read reports what is wrong, with the fix
 
 
 def _check_reachable(host: str, name: str, data_dir: str) -> None:

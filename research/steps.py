@@ -127,6 +127,31 @@ def next_batch(data: Batch, order: jax.Array, step: jax.Array, batch_size: int,
     return pipeline.constrain({**batch, "index": examples})
 
 
+def stream_batch(batches: Batch, i: int, pipeline: Pipeline) -> Batch:
+    """Step i of a chunk of streamed batches ([steps, batch, ...] rows with
+    their example numbers in `index`), preprocessed like `next_batch`."""
+    rows = {k: v[i] for k, v in batches.items() if k != "index"}
+    batch = pipeline.preprocess_fn(rows)
+    return pipeline.constrain({**batch, "index": batches["index"][i]})
+
+
+def _train_one(state: state_lib.TrainState, totals: clu_metrics.Collection,
+               bad_step: jax.Array, batch: Batch, keys: PyTree, aux: PyTree, *,
+               steps_per_epoch: int, grad_accum_steps: int, pipeline: Pipeline
+               ) -> tuple[state_lib.TrainState, clu_metrics.Collection, jax.Array]:
+    """One step on a preprocessed batch: augmentation, update, bookkeeping."""
+    step = state.step
+    if pipeline.augment is not None:
+        batch = augment.augment_batch(batch, keys["augment"], step,
+                                      step // steps_per_epoch,
+                                      options=pipeline.augment)
+    state, metrics, loss = train_step(
+        state, batch, keys["dropout"], aux, objective=pipeline.objective,
+        grad_accum_steps=grad_accum_steps, constrain=pipeline.constrain)
+    bad_step = jnp.where((bad_step < 0) & ~jnp.isfinite(loss), step, bad_step)
+    return state, totals.merge(metrics), bad_step
+
+
 def train_steps(state: state_lib.TrainState, totals: clu_metrics.Collection,
                 bad_step: jax.Array, data: Batch, order: jax.Array, keys: PyTree,
                 aux: PyTree, *, num_steps: int, batch_size: int,
@@ -158,18 +183,42 @@ def train_steps(state: state_lib.TrainState, totals: clu_metrics.Collection,
     """
     steps_per_epoch = order.shape[0] // batch_size
     for _ in range(num_steps):
-        step = state.step
-        batch = next_batch(data, order, step, batch_size, pipeline)
-        if pipeline.augment is not None:
-            batch = augment.augment_batch(batch, keys["augment"], step,
-                                          step // steps_per_epoch,
-                                          options=pipeline.augment)
-        state, metrics, loss = train_step(
-            state, batch, keys["dropout"], aux, objective=pipeline.objective,
-            grad_accum_steps=grad_accum_steps, constrain=pipeline.constrain)
-        bad_step = jnp.where((bad_step < 0) & ~jnp.isfinite(loss), step, bad_step)
-        totals = totals.merge(metrics)
+        batch = next_batch(data, order, state.step, batch_size, pipeline)
+        state, totals, bad_step = _train_one(
+            state, totals, bad_step, batch, keys, aux,
+            steps_per_epoch=steps_per_epoch, grad_accum_steps=grad_accum_steps,
+            pipeline=pipeline)
     return state, totals, bad_step
+
+
+def stream_steps(state: state_lib.TrainState, totals: clu_metrics.Collection,
+                 bad_step: jax.Array, batches: Batch, keys: PyTree, aux: PyTree, *,
+                 steps_per_epoch: int, grad_accum_steps: int, pipeline: Pipeline
+                 ) -> tuple[state_lib.TrainState, clu_metrics.Collection, jax.Array]:
+    """`train_steps` on batches read by the host (the streaming path).
+
+    Args:
+      batches: the chunk's rows, [num_steps, batch, ...] split over the data
+        axis along the batch, with `index` [num_steps, batch] int32: the
+        examples' numbers in the split (they key the augmentation).
+      steps_per_epoch: steps in an epoch (alternating flip needs the epoch).
+      (the others as in `train_steps`; the step count is the chunk's length.)
+    """
+    for i in range(batches["index"].shape[0]):
+        batch = stream_batch(batches, i, pipeline)
+        state, totals, bad_step = _train_one(
+            state, totals, bad_step, batch, keys, aux,
+            steps_per_epoch=steps_per_epoch, grad_accum_steps=grad_accum_steps,
+            pipeline=pipeline)
+    return state, totals, bad_step
+
+
+def eval_merge(apply_fn: Callable[..., jax.Array], variables: PyTree,
+               totals: clu_metrics.Collection, batch: Batch, aux: PyTree, *,
+               pipeline: Pipeline) -> clu_metrics.Collection:
+    """`totals` with one more evaluation batch (a streamed split) merged in."""
+    batch = pipeline.constrain(batch)
+    return totals.merge(eval_step(apply_fn, variables, batch, aux, pipeline=pipeline))
 
 
 def evaluate_batches(apply_fn: Callable[..., jax.Array], variables: PyTree,

@@ -1,11 +1,13 @@
 """`train_and_evaluate(config, workdir)`: the training loop, nothing else.
 
-Data lives on the device; each jitted call runs up to `config.steps_per_call`
-steps and stops exactly at the boundaries where a periodic action is due
-(`loop.py`): logging, evaluation at epoch ends, checkpoints. The Python loop
-costs nothing per step, even at batch 4.
+Data lives on the device, or streams from disk for splits larger than memory
+(`streaming.py`, `config.input`); each jitted call runs up to
+`config.steps_per_call` steps and stops exactly at the boundaries where a
+periodic action is due (`loop.py`): logging, evaluation at epoch ends,
+checkpoints. The Python loop costs nothing per step, even at batch 4.
 """
 import contextlib
+import math
 import signal
 import time
 from typing import Any
@@ -25,6 +27,7 @@ from research import optimizers
 from research import parallel
 from research import sharded_data
 from research import state as state_lib
+from research import streaming
 from research import workdir as workdir_lib
 from research import writers
 
@@ -95,8 +98,16 @@ class Trainer:
         self.exp, self.config, self.workdir = exp, config, workdir
         self.history, self.config_saved = history, False
         self.manager = self.writer = None  # set by train_and_evaluate
-        train_rows = exp.dataset.train_rows(config, exp.info)
-        num_train = sum(train_rows.counts)
+        self.input = streaming.choose(config, exp.dataset, config.train_split)
+        self.stream = None  # the TrainStream of a streamed run, while it runs
+        if self.input == "stream":
+            self.source = streaming.open_source(config, exp.dataset,
+                                                config.train_split)
+            num_train = self.source.num_examples
+        else:
+            train_rows = exp.dataset.train_rows(config, exp.info)
+            num_train = sum(train_rows.counts)
+        self.num_train = num_train
         if config.batch_size > num_train:
             raise errors.UserError(
                 f"config.batch_size={config.batch_size} is larger than the "
@@ -105,9 +116,15 @@ class Trainer:
         # num_epochs may be fractional (airbench trains 9.9 epochs).
         self.total_steps = int(round(self.steps_per_epoch * config.num_epochs))
         config_lib.check_schedule(config, self.total_steps)
-        rows, row_of = sharded_data.place_rows(train_rows, mesh)
-        self.data = {"rows": rows, "row_of": row_of}
-        self.eval_data = exp.place_eval()
+        if self.input == "memory":
+            rows, row_of = sharded_data.place_rows(train_rows, mesh)
+            self.data = {"rows": rows, "row_of": row_of}
+        else:
+            logging.info("Training streams %s: %d examples; process %d reads rows "
+                         "[%d, %d) of every batch.", self.source.description,
+                         num_train, jax.process_index(),
+                         *streaming.process_rows(mesh, config.batch_size))
+        self.evaluation = exp.evaluation()
         self.aux = exp.aux()
         init_key, dropout_key, self.data_key, augment_key = jax.jit(
             _run_keys, static_argnums=0,
@@ -170,7 +187,18 @@ class Trainer:
             loop.Periodic(self.evaluate_epoch, 0, epoch_ends),
             loop.Periodic(self.save, self.config.checkpoint_every_steps,
                           epoch_ends | {stop})]
-        with loop.Preemption() as preemption:
+        with contextlib.ExitStack() as stack:
+            if self.input == "stream":
+                # The chunks the loop will run are known ahead (its boundaries
+                # are), so the stream assembles and places them ahead.
+                self.stream = streaming.TrainStream(
+                    self.source, self.host_order, batch_size=self.config.batch_size,
+                    steps_per_epoch=self.steps_per_epoch, mesh=self.exp.mesh,
+                    start=self.step, stop=stop, options=self.config.stream,
+                    chunk_size=lambda step: self.chunk_size(
+                        step, loop.next_boundary(step, stop, actions)))
+                stack.callback(self.stream.close)
+            preemption = stack.enter_context(loop.Preemption())
             while self.step < stop:
                 target = loop.next_boundary(self.step, stop, actions)
                 if not self.advance(target, preemption):
@@ -189,8 +217,8 @@ class Trainer:
         """Curves and confusion matrix into `<workdir>/plots/`; a plot that
         fails is a warning, never a failed run."""
         try:
-            evaluate.write_plots(self.exp, self.state.eval_variables, self.eval_data,
-                                 self.workdir)
+            evaluate.write_plots(self.exp, self.state.eval_variables,
+                                 self.evaluation.data, self.workdir)
         except (ValueError, OSError) as e:
             logging.warning("Could not write the plots of %s: %s", self.workdir, e)
 
@@ -198,49 +226,73 @@ class Trainer:
         """Compiles the train chunks (`steps_per_call` steps, and 1 for the
         steps left before a boundary) and the evaluation, ahead of time."""
         start = time.perf_counter()
-        # An epoch's order of example numbers: a permutation drawn from the
-        # seed and the epoch, the same for any device or process count.
-        n = self.data["row_of"].shape[0]
-        self.order_fn = jax.jit(
-            lambda key, epoch: jax.random.permutation(jax.random.fold_in(key, epoch),
-                                                      n),
-            out_shardings=parallel.replicated(self.exp.mesh))
-        self.order_epoch = self.step // self.steps_per_epoch
-        self.order = self.order_fn(self.data_key, self.order_epoch)
+        if self.input == "memory":
+            # An epoch's order of example numbers: a permutation drawn from the
+            # seed and the epoch, the same for any device or process count.
+            # Drawn outside the mesh context, as in `advance`: one trace.
+            num_examples = self.data["row_of"].shape[0]
+            self.order_fn = jax.jit(
+                lambda key, epoch: jax.random.permutation(
+                    jax.random.fold_in(key, epoch), num_examples),
+                out_shardings=parallel.replicated(self.exp.mesh))
+            self.order_epoch = self.step // self.steps_per_epoch
+            self.order = self.order_fn(self.data_key, self.order_epoch)
+        else:
+            # The same permutation, drawn for the host (`streaming.py`).
+            self.host_order = streaming.host_order_fn(
+                self.data_key, self.num_train, self.exp.mesh)
         self.window, self.bad_step = self.empty(), parallel.put_replicated(
             np.int32(-1), self.exp.mesh)
         self.chunks = {}
         with jax.set_mesh(self.exp.mesh):  # models may shard kernels over it
             for n in {self.config.steps_per_call, 1}:
-                self.chunks[n] = self.exp.train_chunk(n).lower(
-                    self.state, self.window, self.bad_step, self.data, self.order,
-                    self.keys, self.aux).compile()
-            self.eval_fn = self.exp.eval_fn().lower(
-                self.state.eval_variables, self.eval_data, self.aux).compile()
-            self.final_eval_fn = self.eval_fn
-            if self.exp.pipeline(train=False, final=True).views != (
-                    self.exp.pipeline(train=False).views):
-                self.final_eval_fn = self.exp.eval_fn(final=True).lower(
-                    self.state.eval_variables, self.eval_data, self.aux).compile()
+                self.chunks[n] = (self.compile_memory(n) if self.input == "memory"
+                                  else self.compile_stream(n))
+            self.evaluation.compile(self.state.eval_variables, self.aux)
+            self.evaluation.compile(self.state.eval_variables, self.aux, final=True)
         logging.info("Compiled the train and eval functions in %.2fs.",
                      time.perf_counter() - start)
         self.clock = {"log": (time.perf_counter(), self.step),
                       "epoch": time.perf_counter(), "start": start}
 
+    def compile_memory(self, n: int):
+        """The in-memory path's chunk of n steps (rows on the devices)."""
+        return self.exp.train_chunk(n).lower(
+            self.state, self.window, self.bad_step, self.data, self.order,
+            self.keys, self.aux).compile()
+
+    def compile_stream(self, n: int):
+        """The streaming path's chunk of n steps (batches as an argument)."""
+        batches = streaming.batch_spec(
+            self.source.features, self.config.batch_size, self.exp.mesh, n,
+            extra={"index": ((), np.dtype(np.int32))})
+        return self.exp.stream_chunk(self.steps_per_epoch).lower(
+            self.state, self.window, self.bad_step, batches, self.keys,
+            self.aux).compile()
+
+    def chunk_size(self, step: int, target: int) -> int:
+        """Steps in the call that starts at `step` on the way to `target`."""
+        n = self.config.steps_per_call
+        return n if target - step >= n else 1
+
     def advance(self, target: int, preemption: loop.Preemption) -> bool:
         """Runs chunks up to step `target` (never past an epoch's end); False
         if a stop was requested first."""
         epoch = self.step // self.steps_per_epoch
-        if epoch != self.order_epoch:
+        if self.input == "memory" and epoch != self.order_epoch:
             self.order, self.order_epoch = self.order_fn(self.data_key, epoch), epoch
         while self.step < target:
             if preemption.requested():
                 return False
-            n = self.config.steps_per_call
-            n = n if target - self.step >= n else 1
-            self.state, self.window, self.bad_step = self.chunks[n](
-                self.state, self.window, self.bad_step, self.data, self.order,
-                self.keys, self.aux)
+            n = self.chunk_size(self.step, target)
+            if self.input == "memory":
+                self.state, self.window, self.bad_step = self.chunks[n](
+                    self.state, self.window, self.bad_step, self.data, self.order,
+                    self.keys, self.aux)
+            else:
+                self.state, self.window, self.bad_step = self.chunks[n](
+                    self.state, self.window, self.bad_step,
+                    self.stream.next(self.step, n), self.keys, self.aux)
             self.step += n
         return True
 
@@ -282,14 +334,20 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """The eval split's metrics (the last evaluation of a run may use a
         costlier test-time augmentation: `augment.final_eval_views`)."""
-        fn = self.final_eval_fn if self.step >= self.total_steps else self.eval_fn
-        metrics = fn(self.state.eval_variables, self.eval_data, self.aux)
+        metrics = self.evaluation(self.state.eval_variables, self.aux,
+                                  final=self.step >= self.total_steps)
         return {f"eval/{k}": float(v) for k, v in metrics.compute().items()}
 
     def evaluate_epoch(self, step: int) -> None:
         """Scores the eval split; logs the epoch's train loss beside it."""
         epoch = step / self.steps_per_epoch
         epoch = int(epoch) if epoch == int(epoch) else round(epoch, 2)
+        if self.stream is not None:  # what this process read: its share only
+            count = self.stream.epoch_count(math.ceil(epoch))
+            logging.info("process %d of %d read %d records of %s for epoch %d "
+                         "(example numbers sum to %d)", jax.process_index(),
+                         jax.process_count(), count.reads, self.source.description,
+                         math.ceil(epoch), count.index_sum)
         train_loss = float(self.totals["epoch"].compute()["loss"])
         self.result = self.evaluate()
         self.writer.write_scalars(step, {"epoch": epoch, "epoch/train_loss":

@@ -35,10 +35,12 @@ LOCK_FILE = ".lock"
 # the work is laid out on devices, where the data is read from, what is
 # evaluated, how long to train (a longer or shorter run of the same
 # experiment; a cosine schedule is then stretched to the new length).
+# Both input paths feed the same batches, so `input` and `stream.*` are free.
 FREE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                "steps_per_call", "num_devices", "data_dir", "download",
                "eval_batch_size", "eval_split", "num_epochs", "sample.",
-               "augment.eval_views", "augment.final_eval_views", "init_from")
+               "augment.eval_views", "augment.final_eval_views", "init_from",
+               "input", "stream", "stream.")
 
 
 def prepare(workdir: str) -> None:

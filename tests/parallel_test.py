@@ -3,7 +3,6 @@
 Multi-device checks run in subprocesses, because the device count is fixed
 when JAX starts (`--xla_force_host_platform_device_count`).
 """
-import functools
 import json
 import os
 import signal

@@ -1,0 +1,163 @@
+"""Benchmark of the streaming input path (research.bench --inputs=stream).
+
+Synthetic rows are written as converted ArrayRecord files in a temporary
+folder and read by the trainer's own `streaming.TrainStream` (Grain threads,
+device prefetch) into the trainer's streamed chunk. Reported: the step with
+its streamed batch and the time it waited for it, the same compiled chunk
+fed one placed batch again and again ("without input"), and the in-memory
+chunk on the same rows, all alternated in one loop so that they share the
+machine's load; and the reader alone (read, decode, stack, place; nothing
+trained), past what it read ahead.
+"""
+import statistics
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from research import experiment
+from research import input_pipeline
+from research import parallel
+from research import records as records_lib
+from research import sharded_data
+from research import streaming
+
+Split = dict[str, np.ndarray]
+
+
+def _median_time(fn: Callable[[], Any], steps: int, repeats: int) -> float:
+    """Seconds per call: the median of `repeats` timings of `steps` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = None
+        for _ in range(steps):
+            out = fn()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def bench_stream(config: ml_collections.ConfigDict, batch_size: int,
+                 num_devices: int, *, steps: int, repeats: int,
+                 synthetic_fn: Callable[[experiment.Experiment, int], Split]
+                 ) -> dict[str, Any]:
+    """Times the streamed train step with and without its input, beside the
+    in-memory step, and the reader alone.
+
+    Args:
+      config: the experiment config (its `stream` settings are used).
+      batch_size: global batch size.
+      num_devices: devices of the mesh (0: all).
+      steps: steps per timing.
+      repeats: timings per number (the median is kept).
+      synthetic_fn: `(experiment, examples) -> rows` of random data.
+    """
+    exp = experiment.build(config, mesh=parallel.create_mesh(num_devices),
+                           info={})
+    mesh = exp.mesh
+    if not streaming.can_stream(exp.dataset):
+        raise ValueError(f"dataset {config.dataset!r} cannot stream")
+    features = exp.dataset.stream_features(config)
+    steps_per_epoch = 64
+    examples = batch_size * steps_per_epoch
+    calls = 2 + steps * repeats
+    with tempfile.TemporaryDirectory() as folder:
+        rows = synthetic_fn(exp, examples)
+        records_lib.write_split(folder, "bench", "1.0.0", "train", features,
+                                [rows], examples, examples)
+        source = records_lib.Source(records_lib.open_split(
+            folder, "bench", "1.0.0", "train", features), 0, examples, "bench")
+
+        def stream(stop):
+            return streaming.TrainStream(
+                source, lambda e: np.random.default_rng(e).permutation(
+                    examples).astype(np.int32), batch_size=batch_size,
+                steps_per_epoch=steps_per_epoch, mesh=mesh, start=0, stop=stop,
+                chunk_size=lambda step: 1, options=config.stream)
+
+        state = exp.create_state(jax.random.key(0), total_steps=10_000)
+        keys = jax.device_put({"dropout": jax.random.key(1),
+                               "augment": jax.random.key(2)},
+                              parallel.replicated(mesh))
+        empty = parallel.put_replicated(exp.objective.metrics_cls.empty(), mesh)
+        spec = streaming.batch_spec(features, batch_size, mesh, 1,
+                                    extra={"index": ((), np.dtype(np.int32))})
+        bad = parallel.put_replicated(np.int32(-1), mesh)
+        holder = {"carry": (state, empty, bad)}
+        # The in-memory path's chunk on the same rows, timed in the same loop.
+        placed_rows, row_of = sharded_data.place_rows(
+            input_pipeline.Shard(rows, (examples,)), mesh)
+        memory_args = ({"rows": placed_rows, "row_of": row_of},
+                       parallel.put_replicated(np.random.default_rng(1).permutation(
+                           examples).astype(np.int32), mesh), keys, exp.aux())
+        memory_state = exp.create_state(jax.random.key(0), total_steps=10_000)
+        memory_holder = {"carry": (memory_state, parallel.put_replicated(
+            exp.objective.metrics_cls.empty(), mesh),
+            parallel.put_replicated(np.int32(-1), mesh))}
+        with jax.set_mesh(mesh):
+            compiled = exp.stream_chunk(steps_per_epoch).lower(
+                *holder["carry"], spec, keys, exp.aux()).compile()
+            in_memory = exp.train_chunk(1, batch_size).lower(
+                *memory_holder["carry"], *memory_args).compile()
+
+        def memory_call():
+            memory_holder["carry"] = in_memory(*memory_holder["carry"], *memory_args)
+            return memory_holder["carry"][2]
+
+        # The reader alone (batches read, stacked and placed, nothing
+        # trained), past what it read ahead: a capacity, not a ratio.
+        drain = 64
+        streams = {"read": stream(drain + 2 * calls)}
+        position = {"read": 0}
+
+        waited = {"s": 0.0}
+
+        def take(name):
+            start = time.perf_counter()
+            batch = streams[name].next(position[name], 1)
+            waited["s"] += time.perf_counter() - start
+            position[name] += 1
+            return batch
+
+        def train_call(batch):
+            holder["carry"] = compiled(*holder["carry"], batch, keys, exp.aux())
+            return holder["carry"][2]
+
+        placed = take("read")
+        for _ in range(drain):
+            take("read")
+        read_s = _median_time(lambda: take("read"), 2 * steps, repeats)
+        streams["read"].close()
+        # The streamed step with and without its input and the in-memory
+        # step, alternated in one loop: the same machine load for each.
+        streams["fed"], position["fed"] = stream(calls), 0
+        jax.block_until_ready(train_call(take("fed")))
+        jax.block_until_ready(memory_call())
+        timings = {"with": [], "without": [], "wait": [], "memory": []}
+        for _ in range(repeats):
+            waited["s"] = 0.0
+            timings["with"].append(_median_time(lambda: train_call(take("fed")),
+                                                steps, 1))
+            timings["wait"].append(waited["s"] / steps)
+            timings["without"].append(_median_time(lambda: train_call(placed),
+                                                   steps, 1))
+            timings["memory"].append(_median_time(memory_call, steps, 1))
+        streams["fed"].close()
+        with_input_s, without_input_s, wait_s, memory_s = (
+            statistics.median(timings[k])
+            for k in ("with", "without", "wait", "memory"))
+    _, per_example = exp.dataset.throughput_unit(config)
+    return {"framework": "jax", "input": "stream", "devices": mesh.size,
+            "train_per_sec": batch_size * per_example / with_input_s,
+            "step_ms": 1e3 * with_input_s,
+            "step_ms_without_input": 1e3 * without_input_s,
+            # Time the step spent waiting for its batch: ~0 when the reader
+            # keeps up (it then costs only the CPU time it shares).
+            "wait_ms": 1e3 * wait_s,
+            "step_ms_in_memory": 1e3 * memory_s,  # timed in the same loop
+            "reader_per_sec": batch_size * per_example / read_s,
+            "reader_threads": config.stream.threads}

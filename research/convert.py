@@ -1,0 +1,90 @@
+"""Converts prepared TFDS splits to ArrayRecord files for the streaming path.
+
+python -m research.convert --dataset=cifar10 --splits=train,test \
+    --out_dir=/data/stream [--data_dir=/path/to/tensorflow_datasets]
+
+Reads what TFDS already prepared (tfrecord, under --data_dir, else
+$TFDS_DATA_DIR, else ~/tensorflow_datasets; nothing is downloaded), in the
+order the in-memory path reads it, and writes every example's row, decoded,
+to `<out_dir>/<dataset>/<version>/<split>.array_record-*` plus
+`<split>.json` (`records.py`). Memory stays bounded by --batch_size examples.
+Train with `--config.input=stream --config.stream.dir=<out_dir>` (or
+`input=auto`, which streams converted splits too large for memory).
+"""
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+
+from research import errors
+from research import input_pipeline
+from research import records
+from research import streaming
+
+flags.DEFINE_string("dataset", None, "Key of input_pipeline.DATASETS.")
+flags.DEFINE_list("splits", ["train", "test"], "Named TFDS splits to convert "
+                  "(whole; slice them when training, e.g. train[:10%]).")
+flags.DEFINE_string("out_dir", None, "Where the converted data goes (the stream "
+                    "dir: --config.stream.dir or $RESEARCH_STREAM_DIR).")
+flags.DEFINE_string("data_dir", "", "TFDS data_dir holding the prepared dataset; "
+                    "'': $TFDS_DATA_DIR, else ~/tensorflow_datasets.")
+flags.DEFINE_integer("batch_size", 1024, "Examples decoded at a time (memory).")
+flags.DEFINE_float("shard_mb", 512, "Size of each ArrayRecord file, MB.")
+FLAGS = flags.FLAGS
+
+
+def convert(dataset_name: str, splits: list[str], out_dir: str, data_dir: str = "",
+            batch_size: int = 1024, shard_mb: float = 512) -> dict[str, int]:
+    """Converts named `splits` of a prepared TFDS dataset; returns the
+    example count of each.
+
+    Raises:
+      UserError: an unknown dataset, one that cannot stream, a sliced split
+        name, or a dataset not prepared in the data_dir.
+    """
+    dataset = input_pipeline.get_dataset(dataset_name)
+    if not streaming.can_stream(dataset):
+        raise errors.UserError(
+            f"Dataset {dataset_name!r} has no streaming rows (its spec defines no "
+            "stream_features); it trains in memory only.")
+    config = ml_collections.ConfigDict({"data_dir": data_dir, "download": False})
+    features = dataset.stream_features(config)
+    version = input_pipeline.dataset_version(dataset)
+    per_shard = max(1, int(shard_mb * 2 ** 20) // records.row_bytes(features))
+    counts = {}
+    for split in splits:
+        if input_pipeline.base_splits(split) != [split] or "[" in split:
+            raise errors.UserError(
+                f"--splits takes whole named splits, got {split!r}; convert "
+                f"{input_pipeline.base_splits(split)} and slice when training.")
+        start = time.perf_counter()
+        num, batches = dataset.convert_batches(config, split, batch_size)
+        counts[split] = records.write_split(
+            out_dir, dataset.tfds_name, version, split, features, batches, num,
+            per_shard, source={"data_dir": input_pipeline.resolve_data_dir(config),
+                               "tfds_split": split, "tfds_files":
+                               input_pipeline.split_files(dataset, config, split)})
+        logging.info("Converted %s %s[%s]: %d examples in %.1fs", dataset.tfds_name,
+                     version, split, num, time.perf_counter() - start)
+        print(f"{dataset.tfds_name} {version} {split}: {num} examples -> "
+              f"{records.split_dir(out_dir, dataset.tfds_name, version)} "
+              f"({time.perf_counter() - start:.1f}s)")
+    return counts
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    try:
+        convert(FLAGS.dataset, FLAGS.splits, FLAGS.out_dir, FLAGS.data_dir,
+                FLAGS.batch_size, FLAGS.shard_mb)
+    except errors.UserError as e:  # one line and status 2, as research.main
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["dataset", "out_dir"])
+    app.run(main)
