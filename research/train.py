@@ -22,6 +22,7 @@ from research import config_lib
 from research import errors
 from research import evaluate
 from research import experiment
+from research import input_pipeline
 from research import loop
 from research import optimizers
 from research import parallel
@@ -120,6 +121,7 @@ class Trainer:
             rows, row_of = sharded_data.place_rows(train_rows, mesh)
             self.data = {"rows": rows, "row_of": row_of}
         else:
+            self.data = self.init_rows() if hasattr(exp.model, "init_from_data") else None
             logging.info("Training streams %s: %d examples; process %d reads rows "
                          "[%d, %d) of every batch.", self.source.description,
                          num_train, jax.process_index(),
@@ -143,6 +145,17 @@ class Trainer:
             state_lib.count_params(self.state.params), self.total_steps,
             config.num_epochs, self.steps_per_epoch, config.batch_size, mesh.size,
             jax.process_count(), mesh.devices.tolist())
+
+    def init_rows(self) -> dict[str, jax.Array]:
+        """Streaming: the first examples placed as in memory, for models that
+        initialise from data (`Experiment.create_state`)."""
+        n = min(experiment.DATA_INIT_EXAMPLES, self.num_train)
+        bounds = input_pipeline.even_bounds(n, jax.process_count())
+        mine = np.arange(bounds[jax.process_index()], bounds[jax.process_index() + 1])
+        rows, row_of = sharded_data.place_rows(input_pipeline.Shard(
+            self.source.read(mine), tuple(int(c) for c in np.diff(bounds))),
+            self.exp.mesh)
+        return {"rows": rows, "row_of": row_of}
 
     def restore(self) -> None:
         """Continues from the newest readable checkpoint, if any."""

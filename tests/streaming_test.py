@@ -78,7 +78,7 @@ def test_converted_rows_equal_the_in_memory_rows(tiny):
 
 
 AUGMENT = {"augment.flip": "random", "augment.translate": 2,
-           "augment.eval_views": ("identity", "flip")}
+           "augment.eval_views": "flip"}
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def test_two_processes_each_read_only_their_share(tiny, in_memory, tmp_path):
     port = parallel_test._free_port()  # pylint: disable=protected-access
     procs = [_spawn(_args(tiny, workdir, "--config.augment.flip=random",
                           "--config.augment.translate=2",
-                          "--config.augment.eval_views=('identity','flip')",
+                          "--config.augment.eval_views=flip",
                           "--config.eval_batch_size=16",
                           "--config.checkpoint_every_steps=4",
                           "--config.log_every_steps=4",
