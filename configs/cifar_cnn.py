@@ -89,6 +89,18 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.num_epochs = 10
     # Devices.
     config.num_devices = 0            # devices on the mesh's data axis; 0: all
+    # Data parallelism (research/diloco.py): "sync" all-reduces the gradients
+    # every step; "diloco" trains `replicas` copies (each a group of devices)
+    # that average their parameter changes every `sync_every` steps into an
+    # outer Nesterov SGD step; `delayed` applies each average one period late.
+    config.data_parallel = ml_collections.ConfigDict({
+        "scheme": "sync",             # "sync" or "diloco"
+        "replicas": 4,                # diloco: K, dividing the device count
+        "sync_every": 16,             # diloco: H inner steps between syncs
+        "outer_learning_rate": 0.7,   # diloco: the outer SGD's (paper: 0.7)
+        "outer_momentum": 0.9,        # diloco: Nesterov momentum (paper: 0.9)
+        "delayed": False,             # diloco: overlap the outer step with a period
+    })
     # Loop and bookkeeping.
     config.eval_batch_size = 1000     # the last eval batch is padded and masked
     config.steps_per_call = 4         # steps unrolled per jitted call (1-64), README

@@ -85,6 +85,18 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.num_epochs = 30            # an epoch: the training text once (~122 steps)
     # Devices and loop.
     config.num_devices = 0            # devices on the mesh's data axis; 0: all
+    # Data parallelism (research/diloco.py): "sync" all-reduces the gradients
+    # every step; "diloco" trains `replicas` copies (each a group of devices)
+    # that average their parameter changes every `sync_every` steps into an
+    # outer Nesterov SGD step; `delayed` applies each average one period late.
+    config.data_parallel = ml_collections.ConfigDict({
+        "scheme": "sync",             # "sync" or "diloco"
+        "replicas": 4,                # diloco: K, dividing the device count
+        "sync_every": 16,             # diloco: H inner steps between syncs
+        "outer_learning_rate": 0.7,   # diloco: the outer SGD's (paper: 0.7)
+        "outer_momentum": 0.9,        # diloco: Nesterov momentum (paper: 0.9)
+        "delayed": False,             # diloco: overlap the outer step with a period
+    })
     config.eval_batch_size = 16       # contiguous streams the eval text is cut into
     config.steps_per_call = 1         # steps unrolled per jitted call (1-64), README
     config.log_every_steps = 50       # progress line and train metrics

@@ -97,7 +97,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks names and ranges before any compute; raises UserError."""
     # Imported here: the registries pull in flax/optax, configs should not.
     from research import augment, input_pipeline, models, optimizers  # noqa: E402
-    from research import state, streaming  # noqa: E402
+    from research import diloco, state, streaming  # noqa: E402
     from research.compression import prune  # noqa: E402
 
     _check_choice("model", config.model, models.MODELS)
@@ -132,6 +132,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         augment.check(config.augment)
     streaming.check(config)
     state.create_extras(config)  # checks their fields
+    diloco.options(config)  # checks the data-parallel scheme
     prune.check_options(config.prune)
 
 

@@ -18,6 +18,7 @@ from flax import linen as nn
 
 from research import augment
 from research import checkpointing
+from research import diloco
 from research import config_lib
 from research import input_pipeline
 from research import models
@@ -28,6 +29,7 @@ from research import state as state_lib
 from research import steps
 from research import streaming
 from research.compression import quantize
+from research.models import impl
 
 PyTree = Any
 DATA_INIT_EXAMPLES = 5000  # what models that initialise from data get
@@ -79,16 +81,46 @@ class Experiment:
                 rng, self.config, self.model, shape, total_steps=total_steps,
                 steps_per_epoch=steps_per_epoch, variables=variables)
 
-        return jax.jit(create, out_shardings=parallel.replicated(self.mesh))(
-            rng, inputs)
+        return self._distribute(jax.jit(
+            create, out_shardings=parallel.replicated(self.mesh))(rng, inputs))
 
-    def restart_state(self, state: state_lib.TrainState, variables: PyTree
-                      ) -> state_lib.TrainState:
+    def _distribute(self, state: state_lib.TrainState):
+        """`state` as the data-parallel scheme holds it: replicated (sync), or
+        one copy per replica beside the outer model (`diloco.DilocoState`)."""
+        opts = diloco.options(self.config)
+        if opts is None:
+            return state
+        return jax.jit(functools.partial(diloco.create, opts=opts),
+                       out_shardings=diloco.shardings(opts, self.mesh))(state)
+
+    def restart_state(self, state, variables: PyTree):
         """`state` with the model's variables replaced (e.g. by a trained
         run's) and the optimizer state and extras made anew from them."""
-        return jax.jit(lambda s, v: state_lib.TrainState.create(
-            apply_fn=s.apply_fn, variables=v, tx=s.tx, extra_fns=s.extra_fns),
-            out_shardings=parallel.replicated(self.mesh))(state, variables)
+        template = state.inner if isinstance(state, diloco.DilocoState) else state
+        return self._distribute(jax.jit(lambda v: state_lib.TrainState.create(
+            apply_fn=template.apply_fn, variables=v, tx=template.tx,
+            extra_fns=template.extra_fns),
+            out_shardings=parallel.replicated(self.mesh))(variables))
+
+    def _chunk_shardings(self):
+        """Of a train chunk's outputs (state, metrics, bad step)."""
+        replicated = parallel.replicated(self.mesh)
+        opts = diloco.options(self.config)
+        if opts is None:
+            return replicated
+        return (diloco.shardings(opts, self.mesh), replicated, replicated)
+
+    def _step_fn(self, fn):
+        """`fn` as a train chunk traces it: under DiLoCo, with XLA's
+        convolutions (the kernels' shard_map is not written for the vmap
+        over replicas)."""
+        if diloco.options(self.config) is None or impl.kernels() is None:
+            return fn
+
+        def traced_with_xla(*args, **kwargs):
+            with impl.kernels().xla_only():
+                return fn(*args, **kwargs)
+        return traced_with_xla
 
     def pipeline(self, *, train: bool, final: bool = False) -> steps.Pipeline:
         """How the steps turn rows into batches and score them (`final`: with
@@ -105,22 +137,22 @@ class Experiment:
     def train_chunk(self, num_steps: int, batch_size: int | None = None):
         """`steps.train_steps` jitted as the trainer runs it: state and metrics
         donated, batches split over the mesh, outputs replicated."""
-        return jax.jit(functools.partial(
+        return jax.jit(self._step_fn(functools.partial(
             steps.train_steps, num_steps=num_steps,
             batch_size=batch_size or self.config.batch_size,
             grad_accum_steps=self.config.grad_accum_steps,
-            pipeline=self.pipeline(train=True)),
-            out_shardings=parallel.replicated(self.mesh), donate_argnums=(0, 1, 2))
+            pipeline=self.pipeline(train=True))),
+            out_shardings=self._chunk_shardings(), donate_argnums=(0, 1, 2))
 
     def stream_chunk(self, steps_per_epoch: int):
         """`steps.stream_steps` jitted as the trainer runs it on streamed
         batches (their chunk's length is the step count): state and metrics
         donated, outputs replicated."""
-        return jax.jit(functools.partial(
+        return jax.jit(self._step_fn(functools.partial(
             steps.stream_steps, steps_per_epoch=steps_per_epoch,
             grad_accum_steps=self.config.grad_accum_steps,
-            pipeline=self.pipeline(train=True)),
-            out_shardings=parallel.replicated(self.mesh), donate_argnums=(0, 1, 2))
+            pipeline=self.pipeline(train=True))),
+            out_shardings=self._chunk_shardings(), donate_argnums=(0, 1, 2))
 
     def eval_fn(self, final: bool = False):
         """`(variables, data, aux) -> metrics` over a whole placed split
@@ -248,7 +280,7 @@ def build(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     model = models.create_model(config.model, **config.model_kwargs)
     if config.quant.qat:
         model = quantize.create_qat_model(model)
-    mesh = mesh or parallel.create_mesh(config.num_devices)
+    mesh = mesh or parallel.create_mesh(config.num_devices, diloco.replicas(config))
     parallel.check_divisible("batch_size", config.batch_size, mesh,
                              config.grad_accum_steps)
     parallel.check_divisible("eval_batch_size", config.eval_batch_size, mesh)
@@ -288,7 +320,7 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str,
         state_lib.init_variables, model=model,
         input_shape=input_shape(config, dataset),
         input_dtype=dataset.input_dtype), jax.random.key(0))
-    mesh = mesh or parallel.create_mesh(config.num_devices)
+    mesh = mesh or parallel.create_mesh(config.num_devices)  # any: the model alone
     variables, info, step = checkpointing.restore_model(
         workdir, checkpointing.with_sharding(abstract, parallel.replicated(mesh)),
         step)

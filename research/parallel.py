@@ -1,8 +1,10 @@
 """Device mesh, shardings, and multi-process start-up on JAX's own runtime.
 
-One mesh axis, "data", today; a "model" axis can be added beside it. State is
+One mesh axis, "data", for synchronous data parallelism: state is
 replicated, batches are split along their leading axis, and the compiler
-inserts the collectives (an all-reduce of the gradients per step).
+inserts the collectives (an all-reduce of the gradients per step). DiLoCo
+(`diloco.py`) puts a "replica" axis before it: each replica is a group of
+devices; a batch is split over both axes.
 """
 import os
 import socket
@@ -17,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from research import errors
 
 DATA_AXIS = "data"
+REPLICA_AXIS = "replica"
 PyTree = Any
 # Set by cluster launchers when a job has several processes; jax.distributed
 # reads the details itself (SLURM, Open MPI, TPU pods, ...).
@@ -77,8 +80,9 @@ def _wait_for_coordinator(address: str, timeout_s: int) -> None:
             time.sleep(0.5)
 
 
-def create_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
-    """A 1-D mesh over the first `num_devices` devices (0: all of them)."""
+def create_mesh(num_devices: int = 0, replicas: int = 1) -> jax.sharding.Mesh:
+    """A mesh over the first `num_devices` devices (0: all of them): 1-D
+    ("data"), or ("replica", "data") with `replicas` > 1 groups."""
     available = jax.device_count()
     n = num_devices or available
     if n > available:
@@ -89,8 +93,23 @@ def create_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
                                "multi-process job.")
     # Auto axes: the default Explicit axes break linen Dropout and integer-label
     # cross-entropy under jit.
+    if replicas > 1:
+        if n % replicas:
+            raise errors.UserError(
+                f"config.data_parallel.replicas={replicas} does not divide the {n} "
+                "devices; pick a divisor (each replica is a group of devices).")
+        return jax.make_mesh((replicas, n // replicas), (REPLICA_AXIS, DATA_AXIS),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                             devices=jax.devices()[:n])
     return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices()[:n])
+
+
+def batch_axes(mesh: jax.sharding.Mesh) -> str | tuple[str, ...]:
+    """The mesh axes a batch is split over: all of them (one name for a 1-D
+    mesh, so its shardings stay those of synchronous training)."""
+    names = tuple(mesh.axis_names)
+    return names[0] if len(names) == 1 else names
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -98,8 +117,8 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """Leading (batch) axis split over the data axis."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Leading (batch) axis split over the data axes."""
+    return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def check_divisible(name: str, batch_size: int, mesh: jax.sharding.Mesh,

@@ -166,7 +166,10 @@ def checkpoint_items(state: TrainState, loop: PyTree) -> dict[str, PyTree]:
 
     `model` holds the evaluation variables alone, so evaluation, sampling and
     teachers restore them without an optimizer; `train` holds the rest.
+    A state of another scheme (`diloco.DilocoState`) maps itself.
     """
+    if not isinstance(state, TrainState):
+        return state.checkpoint_items(loop)
     train = {"step": state.step, "opt_state": state.opt_state, "loop": loop}
     if state.extras:
         train["extras"] = state.extras
@@ -179,6 +182,8 @@ def restore_items(state: TrainState, items: dict[str, PyTree]
                   ) -> tuple[TrainState, PyTree]:
     """`state` (the template) with the restored `items`; returns it and the
     loop's running metrics."""
+    if not isinstance(state, TrainState):
+        return state.restore_items(items)
     train = items["train"]
     variables = train.get("variables", items["model"])
     state = state.replace(

@@ -4,6 +4,7 @@ Nothing here is jitted or does I/O; `experiment.py` binds the static options
 (`Pipeline`, batch size, step count) with `functools.partial` and jits once.
 """
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -12,6 +13,7 @@ from clu import metrics as clu_metrics
 from jax import lax
 
 from research import augment
+from research import diloco
 from research import state as state_lib
 
 Batch = dict[str, jax.Array]
@@ -145,9 +147,14 @@ def _train_one(state: state_lib.TrainState, totals: clu_metrics.Collection,
         batch = augment.augment_batch(batch, keys["augment"], step,
                                       step // steps_per_epoch,
                                       options=pipeline.augment)
-    state, metrics, loss = train_step(
-        state, batch, keys["dropout"], aux, objective=pipeline.objective,
-        grad_accum_steps=grad_accum_steps, constrain=pipeline.constrain)
+    if isinstance(state, diloco.DilocoState):  # K replicas, synced every H
+        state, metrics, loss = diloco.train_step(
+            state, batch, keys["dropout"], aux, mesh=pipeline.batch_sharding.mesh,
+            inner_step=functools.partial(train_step, objective=pipeline.objective))
+    else:
+        state, metrics, loss = train_step(
+            state, batch, keys["dropout"], aux, objective=pipeline.objective,
+            grad_accum_steps=grad_accum_steps, constrain=pipeline.constrain)
     bad_step = jnp.where((bad_step < 0) & ~jnp.isfinite(loss), step, bad_step)
     return state, totals.merge(metrics), bad_step
 

@@ -178,7 +178,7 @@ def open_source(config: ml_collections.ConfigDict,
 def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
     """The rows [lo, hi) of every global batch that this process's devices
     hold when a batch is split over the mesh's data axis."""
-    sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+    sharding = NamedSharding(mesh, P(parallel.batch_axes(mesh)))
     spans = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
                     for s in sharding.addressable_devices_indices_map(
                         (batch_size,)).values()})
@@ -213,7 +213,8 @@ def batch_spec(features: records.Features, batch_size: int, mesh: jax.sharding.M
     """Shapes and shardings of streamed batches, to compile ahead of time:
     [num_steps, batch, ...] (or [batch, ...] without num_steps)."""
     lead = (batch_size,) if num_steps is None else (num_steps, batch_size)
-    spec = P(parallel.DATA_AXIS) if num_steps is None else P(None, parallel.DATA_AXIS)
+    axes = parallel.batch_axes(mesh)
+    spec = P(axes) if num_steps is None else P(None, axes)
     sharding = NamedSharding(mesh, spec)
     fields = {k: (tuple(s), np.dtype(d)) for k, (s, d) in features.items()}
     fields.update(extra or {})
@@ -265,7 +266,7 @@ class TrainStream:
         self.start, self.stop, self.chunk_size = start, stop, chunk_size
         self.options = options
         self.lo, self.hi = process_rows(mesh, batch_size)
-        self.sharding = NamedSharding(mesh, P(None, parallel.DATA_AXIS))
+        self.sharding = NamedSharding(mesh, P(None, parallel.batch_axes(mesh)))
         self.counts: dict[int, EpochCount] = {}
         self._lock = threading.Lock()
         self._queue = queue.Queue(maxsize=options.device_prefetch)
@@ -394,7 +395,7 @@ def eval_batches(source: records.Source, batch_size: int, mesh: jax.sharding.Mes
     num_batches = -(-source.num_examples // batch_size)
     dataset = grain.MapDataset.range(num_batches).map(
         functools.partial(_read_eval, source, batch_size, lo, hi))
-    sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+    sharding = NamedSharding(mesh, P(parallel.batch_axes(mesh)))
     iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=options.threads, prefetch_buffer_size=options.prefetch_steps)))
     try:

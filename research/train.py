@@ -19,6 +19,7 @@ import numpy as np
 
 from research import checkpointing
 from research import config_lib
+from research import diloco
 from research import errors
 from research import evaluate
 from research import experiment
@@ -159,11 +160,10 @@ class Trainer:
 
     def restore(self) -> None:
         """Continues from the newest readable checkpoint, if any."""
-        abstract = jax.eval_shape(lambda: state_lib.checkpoint_items(
-            self.state, self.totals))
-        restored = checkpointing.restore_latest(
-            self.manager, checkpointing.with_sharding(
-                abstract, parallel.replicated(self.exp.mesh)))
+        # Restored with the live state's shardings (DiLoCo splits replicas).
+        restored = checkpointing.restore_latest(self.manager, jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            state_lib.checkpoint_items(self.state, self.totals)))
         if restored is None:
             if self.config.init_from:
                 self.init_from(self.config.init_from)
@@ -333,6 +333,7 @@ class Trainer:
                    for k, v in self.totals["log"].compute().items()}
         metrics["train/learning_rate"] = float(self.lr_fn(step - 1))
         metrics.update(state_lib.state_metrics(self.state))
+        metrics.update(diloco.communication(self.state, step, self.exp.mesh.size))
         self.writer.write_scalars(step, {
             **metrics, "perf/steps_per_sec": steps_per_sec,
             f"perf/{unit}_per_sec": steps_per_sec * self.config.batch_size

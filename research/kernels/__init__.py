@@ -97,12 +97,12 @@ def xla_only():
 
 
 def data_parallel_size() -> int:
-    """Devices on the data axis of the mesh being traced under (`jax.set_mesh`,
-    as the trainer does), else 1."""
+    """Devices a batch is split over on the mesh being traced under
+    (`jax.set_mesh`, as the trainer does), else 1."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or parallel.DATA_AXIS not in mesh.axis_names:
         return 1
-    return mesh.shape[parallel.DATA_AXIS]
+    return mesh.size
 
 
 def per_device(fn: Callable, batched: tuple[bool, ...], *args: jax.Array):
@@ -114,8 +114,9 @@ def per_device(fn: Callable, batched: tuple[bool, ...], *args: jax.Array):
     leading = [a.shape[0] for a, b in zip(args, batched) if b]
     if devices == 1 or any(n % devices for n in leading):
         return fn(*args)
-    specs = tuple(P(parallel.DATA_AXIS) if b else P() for b in batched)
-    return jax.shard_map(fn, in_specs=specs, out_specs=P(parallel.DATA_AXIS),
+    axes = parallel.batch_axes(jax.sharding.get_abstract_mesh())
+    specs = tuple(P(axes) if b else P() for b in batched)
+    return jax.shard_map(fn, in_specs=specs, out_specs=P(axes),
                          check_vma=False)(*args)
 
 

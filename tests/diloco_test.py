@@ -1,0 +1,278 @@
+"""DiLoCo (research/diloco.py) on 8 simulated devices and 2 real processes.
+
+Multi-device checks run in subprocesses: the device count is fixed when JAX
+starts. One worker runs the in-process checks and reports them as JSON.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests import conftest
+from tests import parallel_test
+from tests import train_test
+
+DILOCO = {"data_parallel.scheme": "diloco", "data_parallel.replicas": 4}
+# H = 1, outer SGD lr 1 without momentum: synchronous SGD, up to rounding.
+AS_SYNC = {**DILOCO, "data_parallel.sync_every": 1,
+           "data_parallel.outer_learning_rate": 1.0,
+           "data_parallel.outer_momentum": 0.0, "momentum": 0.0}
+
+
+def _groups(hlo_line: str, devices: int) -> list[list[int]]:
+    """The replica groups of one collective in compiled HLO text (explicit
+    `{{0,1},{2,3}}` or iota `[4,2]<=[8]`, optionally transposed)."""
+    found = re.search(r"replica_groups=(\{\{[\d,{}]*\}\}|\{\})", hlo_line)
+    if found:
+        text = found.group(1)
+        if text == "{}":
+            return [list(range(devices))]
+        return [[int(x) for x in g.split(",") if x]
+                for g in re.findall(r"\{([\d,]*)\}", text[1:-1])]
+    found = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", hlo_line)
+    if found:  # mesh['axis_0'=4,'axis_1'=2] {'axis_1'}: groups along axis_1
+        dims = re.findall(r"'(\w+)'=(\d+)", found.group(1))
+        grouped = re.findall(r"'(\w+)'", found.group(2))
+        ids = np.arange(devices).reshape([int(n) for _, n in dims])
+        inside = [i for i, (name, _) in enumerate(dims) if name in grouped]
+        outside = [i for i in range(len(dims)) if i not in inside]
+        size = int(np.prod([ids.shape[i] for i in inside]))
+        return ids.transpose(outside + inside).reshape(-1, size).tolist()
+    found = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](T\(([\d,]+)\))?",
+                      hlo_line)
+    assert found, hlo_line
+    rows, cols = int(found.group(1)), int(found.group(2))
+    ids = np.arange(int(np.prod([int(x) for x in found.group(3).split(",")])))
+    ids = ids.reshape([int(x) for x in found.group(3).split(",")])
+    if found.group(5):
+        ids = ids.transpose([int(x) for x in found.group(5).split(",")])
+    return ids.reshape(rows, cols).tolist()
+
+
+def _carries_arrays(line: str) -> bool:
+    """Whether a collective moves more than scalars (its result shapes)."""
+    result = line.split("=", 1)[1].split(" all-")[0].split(" reduce-")[0]
+    return any(dims for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", result))
+
+
+def _cross_replica_collectives(hlo: str, devices: int, replicas: int) -> list[str]:
+    """Collectives whose groups mix devices of different replicas (replica r
+    holds the mesh's devices r * n / K ... (r + 1) * n / K - 1) and that move
+    arrays, not scalars (the step's summed loss and counts are scalars)."""
+    per = devices // replicas
+    mixed = []
+    for line in hlo.splitlines():
+        if not re.search(r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|"
+                         r"collective-permute)(-start)?\(", line):
+            continue
+        if "collective-permute" in line:
+            pairs = re.findall(r"\{(\d+),(\d+)\}", line.split("source_target_pairs=")[1])
+            if any(int(a) // per != int(b) // per for a, b in pairs):
+                mixed.append(line.strip()[:200])
+            continue
+        if any(len({d // per for d in g}) > 1 for g in _groups(line, devices)) and (
+                _carries_arrays(line)):
+            mixed.append(line.strip()[:200])
+    return mixed
+
+
+# --- run inside a subprocess with 8 devices ---------------------------------
+
+def _worker(workdir: str) -> dict:
+    import functools  # pylint: disable=g-import-not-at-top
+    from research import diloco, experiment, parallel, steps, train  # noqa: E401
+    from tests import rnn_test  # pylint: disable=g-import-not-at-top
+    assert jax.device_count() == 8
+    out = {}
+    one = parallel.create_mesh(1)
+
+    def params(config, run_dir):
+        return experiment.restore_variables(config, run_dir, mesh=one).variables
+
+    # H = 1 equals synchronous training: LeNet and the character LSTM.
+    for name, make, run in (
+            ("lenet", lambda **o: train_test.tiny_config(
+                num_devices=8, batch_size=16, learning_rate=0.01, **o),
+             train_test.mocked),
+            # Plain SGD inside (Adam's and clipping's updates are not linear
+            # in the gradient: K replicas' mean update differs from sync's).
+            ("char_rnn", lambda **o: rnn_test.tiny_config(
+                num_devices=4, batch_size=8, eval_batch_size=4, optimizer="sgd",
+                learning_rate=0.5, grad_clip_norm=0.0, lr_schedule="constant",
+                warmup_steps=0, **{"model_kwargs.dropout_rate": 0.0}, **o),
+             rnn_test.mocked)):
+        variables = {}
+        for scheme, overrides in (("sync", {"momentum": 0.0}), ("diloco", AS_SYNC)):
+            config = make(**overrides)
+            run_dir = os.path.join(workdir, f"{name}_{scheme}")
+            run(train.train_and_evaluate, config, run_dir)
+            variables[scheme] = params(config, run_dir)
+        out[name] = parallel_test._max_diff(variables["sync"], variables["diloco"])  # pylint: disable=protected-access
+
+    # The compiled inner step: no collective between replicas (K = 4 of 2
+    # devices, K = 8 of 1); the outer step: collectives across them.
+    for k in (4, 8):
+        config = train_test.tiny_config(num_devices=8, batch_size=16, **{
+            **DILOCO, "data_parallel.replicas": k})
+        exp = experiment.build(config)
+        state = train_test.mocked(lambda: train.Trainer(exp, workdir, []).state)
+        batch = {"image": jax.numpy.zeros((16, 32, 32, 3)),
+                 "label": jax.numpy.zeros((16,), jax.numpy.int32)}
+        batch = jax.device_put(batch, parallel.batch_sharded(exp.mesh))
+        inner = functools.partial(steps.train_step, objective=exp.objective)
+        with jax.set_mesh(exp.mesh):
+            hlo_inner = jax.jit(functools.partial(
+                diloco.inner_steps, inner_step=inner, mesh=exp.mesh)).lower(
+                    state, batch, jax.random.key(0), {}).compile().as_text()
+            hlo_sync = jax.jit(diloco._sync).lower(state).compile().as_text()  # pylint: disable=protected-access
+        out[f"inner_mixed_{k}"] = _cross_replica_collectives(hlo_inner, 8, k)
+        out[f"inner_collectives_{k}"] = sum(
+            1 for line in hlo_inner.splitlines()
+            if re.search(r"\sall-reduce(-start)?\(", line) and _carries_arrays(line))
+        out[f"sync_mixed_{k}"] = len(_cross_replica_collectives(hlo_sync, 8, k))
+    return out
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("diloco8"))
+    proc = subprocess.run(
+        [sys.executable, __file__, "worker", workdir], env=parallel_test._env(8),  # pylint: disable=protected-access
+        cwd=conftest.REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("model", ["lenet", "char_rnn"])
+def test_one_step_periods_with_plain_outer_sgd_equal_synchronous_training(
+        eight_devices, model):
+    assert eight_devices[model] < parallel_test.TOLERANCE, eight_devices[model]
+
+
+def test_inner_steps_never_talk_across_replicas(eight_devices):
+    assert eight_devices["inner_mixed_4"] == [], eight_devices["inner_mixed_4"]
+    assert eight_devices["inner_mixed_8"] == [], eight_devices["inner_mixed_8"]
+    # K = 4 of 2 devices: gradients are reduced within each replica ...
+    assert eight_devices["inner_collectives_4"] > 0
+    # ... and K = 8 of 1 device: no array is reduced at all (the loss and
+    # counts for the log are scalars).
+    assert eight_devices["inner_collectives_8"] == 0
+    # The outer step does cross replicas (the checker sees such collectives).
+    assert eight_devices["sync_mixed_4"] > 0 and eight_devices["sync_mixed_8"] > 0
+
+
+def test_communication_is_counted_from_the_schedule():
+    from research import diloco  # pylint: disable=g-import-not-at-top
+    params = {"w": np.zeros((10, 10), np.float32), "b": np.zeros(10, np.float32)}
+    opts = diloco.Options(replicas=4, sync_every=16, outer_learning_rate=0.7,
+                          outer_momentum=0.9, delayed=False)
+    state = diloco.DilocoState(inner=None, outer_params=params, outer_model_state={},
+                               outer_opt_state=None, pending=None, options=opts)
+    assert diloco.communication(state, 64, 8) == {
+        "comm/syncs": 4.0, "comm/bytes_per_step": 440 * 4 / 64}
+
+
+def test_bad_options_are_named():
+    from research import errors  # pylint: disable=g-import-not-at-top
+    with pytest.raises(errors.UserError, match="scheme='diloco' does not combine"):
+        train_test.mocked(lambda: __import__("research.experiment").experiment.build(
+            train_test.tiny_config(**DILOCO, ema_decay=0.9)))
+    with pytest.raises(errors.UserError, match="choose from"):
+        train_test.mocked(lambda: __import__("research.experiment").experiment.build(
+            train_test.tiny_config(**{"data_parallel.scheme": "gossip"})))
+
+
+# --- through main, in processes ---------------------------------------------
+
+def _args(workdir, data_dir, *extra):
+    from tests import tiny_tfds  # pylint: disable=g-import-not-at-top
+    return [f"--config={train_test.SMOKE}", f"--workdir={workdir}",
+            "--config.train_split=train", "--config.eval_split=test",
+            f"--config.dataset={tiny_tfds.NAME}", f"--config.data_dir={data_dir}",
+            "--config.data_parallel.scheme=diloco", "--config.data_parallel.replicas=2",
+            "--config.data_parallel.sync_every=4", "--config.batch_size=8",
+            "--config.steps_per_call=1", *extra]
+
+
+def _tiny_data(tmp_path):
+    from tests import tiny_tfds  # pylint: disable=g-import-not-at-top
+    data_dir = str(tmp_path / "tfds")
+    tiny_tfds.prepare(data_dir)
+    tiny_tfds.register()
+    return data_dir
+
+
+def test_resume_between_syncs_after_sigkill_is_bitwise(tmp_path):
+    """Killed after a checkpoint in the middle of a period (checkpoints every
+    3 steps, syncs every 4), the rerun ends where an uninterrupted run does."""
+    from research import config_lib, experiment  # pylint: disable=g-import-not-at-top
+    data_dir = _tiny_data(tmp_path)
+    long_run = ("--config.num_epochs=40", "--config.checkpoint_every_steps=3",
+                "--config.log_every_steps=1000")
+    workdir = str(tmp_path / "killed")
+    log = str(tmp_path / "killed.log")
+    proc = parallel_test._spawn(_args(workdir, data_dir, *long_run), 8, log)  # pylint: disable=protected-access
+    deadline = time.time() + 240
+    while not (os.path.isdir(os.path.join(workdir, "checkpoints"))
+               and [s for s in train_test.saved_steps(workdir) if s % 4]):
+        assert proc.poll() is None and time.time() < deadline, open(log).read()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert train_test.saved_steps(workdir)[-1] < 240  # killed before the end
+    assert parallel_test._spawn(_args(workdir, data_dir, *long_run), 8, log).wait(  # pylint: disable=protected-access
+        timeout=300) == 0, open(log).read()[-3000:]
+    straight = str(tmp_path / "straight")
+    assert parallel_test._spawn(_args(straight, data_dir, *long_run), 8, log).wait(  # pylint: disable=protected-access
+        timeout=300) == 0, open(log).read()[-3000:]
+    config = config_lib.load_workdir_config(straight)
+    train_test.assert_trees_equal(
+        experiment.restore_variables(config, workdir).variables,
+        experiment.restore_variables(config, straight).variables)
+    # (Equal outer parameters long after the kill: the replicas' states and
+    # the outer optimizer's, which feed every later sync, were restored too.)
+
+
+def test_two_processes_save_and_eight_devices_resume(tmp_path):
+    """2 processes x 2 devices (gloo; each replica one process's devices)
+    train 6 steps; one process with 8 devices resumes to step 12 and matches
+    the 2-process run that went straight to 12, up to reduction order."""
+    from research import config_lib, experiment  # pylint: disable=g-import-not-at-top
+    data_dir = _tiny_data(tmp_path)
+
+    def two(workdir, epochs, name):
+        port = parallel_test._free_port()  # pylint: disable=protected-access
+        procs = [parallel_test._spawn(_args(  # pylint: disable=protected-access
+            workdir, data_dir, f"--config.num_epochs={epochs}",
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+            "--distributed_timeout_s=60", f"--process_id={i}"), 2,
+            str(tmp_path / f"{name}{i}.log")) for i in range(2)]
+        codes = [p.wait(timeout=300) for p in procs]
+        assert codes == [0, 0], (tmp_path / f"{name}0.log").read_text()[-3000:]
+
+    split = str(tmp_path / "split")
+    two(split, 1, "first")     # 48 examples at batch 8: 6 steps an epoch
+    assert train_test.saved_steps(split)[-1] == 6
+    log = str(tmp_path / "eight.log")
+    assert parallel_test._spawn(_args(split, data_dir, "--config.num_epochs=2"),  # pylint: disable=protected-access
+                                8, log).wait(timeout=300) == 0, open(log).read()[-3000:]
+    straight = str(tmp_path / "straight")
+    two(straight, 2, "straight")
+    config = config_lib.load_workdir_config(straight)
+    resumed = experiment.restore_variables(config, split)
+    assert resumed.step == 12
+    assert parallel_test._max_diff(  # pylint: disable=protected-access
+        resumed.variables, experiment.restore_variables(config, straight).variables
+    ) < parallel_test.TOLERANCE
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    sys.path.insert(0, conftest.REPO)
+    print(json.dumps(_worker(sys.argv[2])))
