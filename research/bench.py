@@ -118,7 +118,10 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
     step_s = _median_time(train_call, FLAGS.steps, FLAGS.repeats)
 
     synthetic = costs.synthetic_rows(exp, batch_size)
-    batch = jax.device_put({"mask": np.ones(batch_size, bool), **synthetic},
+    # Which examples (images) or predicted characters (text) count.
+    mask_shape = (batch_size,) if "label" in synthetic else (
+        batch_size, synthetic["tokens"].shape[1] - 1)
+    batch = jax.device_put({"mask": np.ones(mask_shape, bool), **synthetic},
                            parallel.batch_sharded(mesh))
     variables = holder["carry"][0].eval_variables
     with jax.set_mesh(mesh):

@@ -66,7 +66,7 @@ def check(config: ml_collections.ConfigDict) -> None:
         if stage not in STAGES:
             raise errors.UserError(f"Unknown stage {stage!r} in config.stages; "
                                    f"choose from {list(STAGES)}.")
-    for level in config.prune.levels:
+    for level in (*config.prune.levels, *config.prune.teacher_levels):
         if not 0.0 <= level < 1.0:
             raise errors.UserError(f"config.prune.levels has {level}; sparsities "
                                    "must be in [0, 1).")
@@ -172,8 +172,9 @@ class Pipeline:
 
 
 def _with_xla_kernels(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config` with every kernel option of its model set to XLA: qwix sees
-    only XLA's convolutions and matmuls (the parameters are the same)."""
+    """`config` with every kernel option of its model set to XLA and float32
+    compute: qwix sees only XLA's convolutions and matmuls (the parameters
+    are the same)."""
     config = config.copy_and_resolve_references()
     for key, value in _kernels_off(config).items():
         config_lib.override(config, key, value)
@@ -248,10 +249,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
     if "prune" in stages or "prune_ptq" in stages:
         for model in config.prune.models:
             source, role = sources[model]
-            for level in config.prune.levels:
+            levels = (config.prune.teacher_levels or config.prune.levels
+                      if model == "teacher" else config.prune.levels)
+            for level in levels:
                 name = f"prune_{model}_{int(round(100 * level))}"
                 cfg = p.train(name, role, {
-                    **_prune_overrides(config, level), "init_from": p.path(source)})
+                    **_prune_overrides(config, level, model),
+                    "init_from": p.path(source)})
                 configs[name] = cfg
                 p.float_row(name, model, "prune", cfg)
     if "ptq" in stages:
@@ -259,7 +263,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
             source, _ = sources[model]
             p.int8_row(f"{source}_int8", model, "ptq", configs[source], source)
     if "qat" in stages:
-        for model in ("teacher", "student"):
+        for model in config.quant.qat_models:
             source, role = sources[model]
             name = f"qat_{model}"
             cfg = p.train(name, role, {**_kernels_off(configs[source]),
@@ -277,17 +281,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
     return p.rows
 
 
-def _prune_overrides(config: ml_collections.ConfigDict, level: float
-                     ) -> dict[str, Any]:
+def _prune_overrides(config: ml_collections.ConfigDict, level: float,
+                     model: str) -> dict[str, Any]:
+    epochs = config.prune.fine_tune_epochs
+    if model == "teacher" and config.prune.teacher_fine_tune_epochs:
+        epochs = config.prune.teacher_fine_tune_epochs
     return {"prune.sparsity": level, "prune.schedule": config.prune.schedule,
             "prune.scope": config.prune.scope,
-            "prune.update_every": config.prune.update_every,
-            "num_epochs": config.prune.fine_tune_epochs}
+            "prune.update_every": config.prune.update_every, "num_epochs": epochs}
 
 
 def _kernels_off(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return {f"model_kwargs.{k}": "xla" for k in config.model_kwargs
-            if k.endswith("_impl")}
+    """Overrides for quantization: XLA's ops (qwix intercepts them), and
+    float32 between the int8 ops (qwix's quantized weights are not cast)."""
+    overrides = {f"model_kwargs.{k}": "xla" for k in config.model_kwargs
+                 if k.endswith("_impl")}
+    if config.model_kwargs.get("dtype", "float32") != "float32":
+        overrides["model_kwargs.dtype"] = "float32"
+    return overrides
 
 
 def write_results(rows: list[Row], workdir: str) -> None:

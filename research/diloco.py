@@ -7,15 +7,16 @@ on its share of every global batch) and talk only every H steps: then the
 average of their parameter changes, the "outer gradient", updates the shared
 (outer) parameters with Nesterov SGD, and every replica restarts from them;
 the inner optimizer states are kept (as in the paper and MaxText). Between
-syncs nothing crosses replicas: the inner steps are `vmap`ped over the
-replica axis (`shard_map`, manual over `replica` only), so each replica's
-gradients are reduced over its own devices only.
+syncs no array crosses replicas: the inner steps run in a `shard_map` that
+is manual over the replica axis only, so each replica's gradients are
+reduced over its own devices only.
 
-`delayed=True` overlaps the outer update with the next inner steps: the outer
-gradient of period p is applied at the end of period p + 1 (its all-reduce
-has a whole period to finish), and the replicas start period p + 1 from the
-outer parameters as they were, so every outer step uses a pseudo-gradient
-computed at parameters one outer step old (staleness 1).
+`delayed=True` overlaps the outer update with the next inner steps: at the
+end of period p the outer step applies period p - 1's outer gradient (zeros
+at the first sync) and keeps period p's for the next sync, and the replicas
+start period p + 1 from the result. Period p's all-reduce so has all of
+period p + 1 to finish; the price is staleness 1: each applied gradient was
+computed from parameters one outer step older than those it updates.
 
 Evaluation and the checkpoint's `model` item use the outer parameters (with
 the replicas' averaged BatchNorm statistics).
@@ -273,3 +274,59 @@ def communication(state: Any, step: int, devices: int) -> dict[str, float]:
         per_sync = parameter_bytes(state.params)
     return {"comm/syncs": float(syncs),
             "comm/bytes_per_step": per_sync * syncs / max(step, 1)}
+
+
+def allreduce_seconds(num_bytes: float, participants: int, gbit_per_s: float,
+                      latency_s: float) -> float:
+    """A ring all-reduce of `num_bytes` over `participants` links of
+    `gbit_per_s` each: 2 (n - 1) steps, each moving num_bytes / n and paying
+    the latency once (the bandwidth-optimal textbook model)."""
+    if participants <= 1:
+        return 0.0
+    n = participants
+    return 2 * (n - 1) * (latency_s + num_bytes / n / (gbit_per_s * 1e9 / 8))
+
+
+def modeled_step_seconds(compute_s: float, num_bytes: float, participants: int,
+                         gbit_per_s: float, latency_s: float, sync_every: int = 1,
+                         delayed: bool = False) -> float:
+    """Wall-clock time per step: compute, plus the all-reduce of every
+    `sync_every`-th step (sync: every step) blocking, or, `delayed`, only the
+    part of it that a period of compute does not hide."""
+    comm = allreduce_seconds(num_bytes, participants, gbit_per_s, latency_s)
+    if delayed:
+        return compute_s + max(0.0, comm - sync_every * compute_s) / sync_every
+    return compute_s + comm / sync_every
+
+
+def wall_clock_table(compute_s: float, num_bytes: float, *, latency_s: float,
+                     replicas=(4, 16, 64, 256, 1024), links=(1, 10, 100),
+                     sync_every=(16, 64)) -> str:
+    """Markdown: modeled seconds per step of `sync` (an all-reduce of
+    `num_bytes` every step) and of DiLoCo (every H steps, blocking or
+    delayed), for K participants on links of `links` Gbit/s."""
+    schemes = [("sync", 1, False)] + [
+        (f"H={h}{' delayed' if d else ''}", h, d)
+        for h in sync_every for d in (False, True)]
+    lines = ["| K | link | " + " | ".join(n for n, _, _ in schemes) + " |",
+             "|---" * (2 + len(schemes)) + "|"]
+    for k in replicas:
+        for gbit in links:
+            cells = [modeled_step_seconds(compute_s, num_bytes, k, gbit, latency_s,
+                                          h, d) for _, h, d in schemes]
+            lines.append(f"| {k} | {gbit} Gbit/s | " + " | ".join(
+                f"{1e3 * c:.1f} ms ({c / compute_s:.2f}x)" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse  # pylint: disable=g-import-not-at-top
+    parser = argparse.ArgumentParser(description="The wall-clock model's table.")
+    parser.add_argument("--compute_ms", type=float, required=True,
+                        help="compute time of one step (per replica)")
+    parser.add_argument("--mbytes", type=float, required=True,
+                        help="megabytes all-reduced per sync (the parameters)")
+    parser.add_argument("--latency_us", type=float, default=50.0)
+    args = parser.parse_args()
+    print(wall_clock_table(args.compute_ms / 1e3, args.mbytes * 1e6,
+                           latency_s=args.latency_us * 1e-6))

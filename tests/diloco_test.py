@@ -179,6 +179,31 @@ def test_communication_is_counted_from_the_schedule():
         "comm/syncs": 4.0, "comm/bytes_per_step": 440 * 4 / 64}
 
 
+def test_wall_clock_model_charges_syncs_and_hides_delayed_ones():
+    from research import diloco  # pylint: disable=g-import-not-at-top
+    # 4 participants, 8 MB over 8 Gbit/s (1 GB/s), no latency: 2 * 3 * 2 ms.
+    assert diloco.allreduce_seconds(8e6, 4, 8.0, 0.0) == pytest.approx(0.012)
+    sync = diloco.modeled_step_seconds(0.1, 8e6, 4, 8.0, 0.0)
+    every_16 = diloco.modeled_step_seconds(0.1, 8e6, 4, 8.0, 0.0, sync_every=16)
+    delayed = diloco.modeled_step_seconds(0.1, 8e6, 4, 8.0, 0.0, sync_every=16,
+                                          delayed=True)
+    assert sync == pytest.approx(0.112) and every_16 == pytest.approx(0.10075)
+    assert delayed == 0.1  # 12 ms of all-reduce hide behind 1.6 s of compute
+    assert "| 1024 | 100 Gbit/s |" in diloco.wall_clock_table(0.1, 8e6, latency_s=1e-4)
+
+
+def test_sweep_table_sets_each_variant_beside_the_first(tmp_path):
+    from research import sweep  # pylint: disable=g-import-not-at-top
+    rows = [{"name": "sync", "step": 8, "eval/accuracy": 0.5, "syncs": 8.0,
+             "bytes_per_step": 4e6, "seconds": 10.0},
+            {"name": "diloco_h4", "step": 8, "eval/accuracy": 0.45, "syncs": 2.0,
+             "bytes_per_step": 1e6, "seconds": 9.0}]
+    sweep.write_results(rows, str(tmp_path))
+    table = (tmp_path / "sweep_results.md").read_text().splitlines()
+    assert table[-1] == ("| diloco_h4 | 8 | 0.4500 (-0.0500) | 2 | 1.000 | 9 s |")
+    assert json.loads((tmp_path / "sweep_results.json").read_text()) == rows
+
+
 def test_bad_options_are_named():
     from research import errors  # pylint: disable=g-import-not-at-top
     with pytest.raises(errors.UserError, match="scheme='diloco' does not combine"):

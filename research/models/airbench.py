@@ -72,8 +72,10 @@ def _conv(x, kernel, padding, dtype, conv_impl):
     if (dtype == jnp.bfloat16 and onednn is not None
             and impl_lib.resolve(conv_impl, "conv_impl", "onednn") == "kernel"):
         return onednn.conv2d(x, kernel, padding, out_dtype=dtype)
+    if kernel.dtype != dtype:  # (qwix's quantized kernels cannot be cast)
+        kernel = kernel.astype(dtype)
     return jax.lax.conv_general_dilated(
-        x.astype(dtype), kernel.astype(dtype), (1, 1), padding,
+        x.astype(dtype), kernel, (1, 1), padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 

@@ -1,0 +1,116 @@
+"""Variants of one experiment, run one after the other, and one table.
+
+XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+    python -m research.sweep --config=configs/diloco_cifar.py --workdir=runs/diloco
+
+A sweep config names a base experiment (a config file and overrides) and
+variants (name -> overrides, e.g. the data-parallel scheme). Each variant is
+an ordinary run in `<workdir>/<name>`: it resumes like any run, and a
+finished one is only evaluated again. The results go to
+`<workdir>/sweep_results.{json,md}`: the final evaluation metrics, what the
+run communicated (`comm/syncs`, `comm/bytes_per_step`, see `diloco.py`), and
+its training time.
+"""
+import json
+import os
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+
+from research import config_lib
+from research import errors
+from research import main as main_lib
+from research import train
+from research import writers
+
+RESULTS = "sweep_results"
+
+
+def _dotted(tree: dict[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def variant_config(sweep: ml_collections.ConfigDict, name: str
+                   ) -> ml_collections.ConfigDict:
+    """The base config with the shared and the variant's overrides."""
+    if name not in sweep.variants:
+        raise errors.UserError(f"Unknown variant {name!r}; the sweep has "
+                               f"{sorted(sweep.variants)}.")
+    overrides = dict(_dotted(sweep.overrides.to_dict()))
+    overrides.update(_dotted(sweep.variants[name].to_dict()))
+    return config_lib.load_config(sweep.config, overrides)
+
+
+def _last(records: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in records if key in r]
+    return values[-1] if values else None
+
+
+def run(sweep: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+    """Trains (or resumes, or evaluates) every variant; returns the rows."""
+    # `order`: names to run, in the table's order (ConfigDict sorts keys).
+    names = list(sweep.order) if sweep.get("order") else sorted(sweep.variants)
+    configs = {name: variant_config(sweep, name) for name in names}  # checked first
+    rows = []
+    for name in names:
+        run_dir = os.path.join(workdir, name)
+        logging.info("Variant %s: %s", name, run_dir)
+        start = time.perf_counter()
+        result = train.train_and_evaluate(configs[name], run_dir)
+        records = writers.read_metrics(run_dir)
+        rows.append({
+            "name": name, "step": result["step"],
+            **{k: v for k, v in result.items() if k.startswith("eval/")},
+            "syncs": _last(records, "comm/syncs") or 0.0,
+            "bytes_per_step": _last(records, "comm/bytes_per_step") or 0.0,
+            "seconds": time.perf_counter() - start})
+        write_results(rows, workdir)
+    return rows
+
+
+def write_results(rows: list[dict[str, Any]], workdir: str) -> None:
+    """`sweep_results.json` (the rows) and `.md` (a table, each row beside
+    the first one)."""
+    with open(os.path.join(workdir, RESULTS + ".json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    metrics = [k for k in rows[0] if k.startswith("eval/")]
+    first = rows[0]
+    head = " | ".join(m.removeprefix("eval/") + f" (vs {first['name']})"
+                      for m in metrics)
+    lines = [f"| variant | steps | {head} | syncs | MB sent per step | "
+             "train + eval time |", "|---" * (5 + len(metrics)) + "|"]
+    for r in rows:
+        cells = " | ".join(f"{r[m]:.4f} ({r[m] - first[m]:+.4f})" for m in metrics)
+        lines.append(f"| {r['name']} | {r['step']} | {cells} | {r['syncs']:.0f} | "
+                     f"{r['bytes_per_step'] / 1e6:.3f} | {r['seconds']:.0f} s |")
+    with open(os.path.join(workdir, RESULTS + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _main(argv: list[str]) -> None:
+    """`--config` is a sweep config here; `--workdir` holds the variants."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.config is None:
+        raise app.UsageError("--config is required, e.g. "
+                             "--config=configs/diloco_cifar.py")
+    main_lib.cache_compiled_programs()
+    workdir = flags.FLAGS.workdir or main_lib.default_workdir(
+        config_flags.get_config_filename(flags.FLAGS["config"]))
+    main_lib.log_to_file(workdir)
+    run(flags.FLAGS.config, workdir)
+    writers.report(f"table: {os.path.join(workdir, RESULTS + '.md')}")
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: main_lib.guarded(_main, argv),
+            flags_parser=main_lib.parse_flags)
