@@ -83,21 +83,13 @@ def _run_config(config: ml_collections.ConfigDict, role: str,
     """The role's config file with its overrides, the shared data settings
     and `extra` (dotted keys)."""
     spec = config[role]
-    overrides = dict(_dotted(spec.overrides.to_dict()))
+    overrides = dict(config_lib.dotted_items(spec.overrides.to_dict()))
     overrides.update({"data_dir": config.data_dir, **(extra or {})})
     if config.train_split:
         overrides["train_split"] = config.train_split
     if config.eval_split:
         overrides["eval_split"] = config.eval_split
     return config_lib.load_config(spec.config, overrides)
-
-
-def _dotted(tree: dict[str, Any], prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _dotted(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 class Pipeline:

@@ -47,6 +47,16 @@ def load_config(spec: str, overrides: dict[str, Any] | None = None
     return config
 
 
+def dotted_items(tree: dict[str, Any], prefix: str = ""):
+    """(dotted key, value) of every leaf of a nested dict: overrides as
+    `load_config` takes them."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from dotted_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     """Sets a dotted key, refusing unknown keys and type changes."""
     *parents, leaf = key.split(".")

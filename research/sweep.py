@@ -31,22 +31,14 @@ from research import writers
 RESULTS = "sweep_results"
 
 
-def _dotted(tree: dict[str, Any], prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _dotted(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 def variant_config(sweep: ml_collections.ConfigDict, name: str
                    ) -> ml_collections.ConfigDict:
     """The base config with the shared and the variant's overrides."""
     if name not in sweep.variants:
         raise errors.UserError(f"Unknown variant {name!r}; the sweep has "
                                f"{sorted(sweep.variants)}.")
-    overrides = dict(_dotted(sweep.overrides.to_dict()))
-    overrides.update(_dotted(sweep.variants[name].to_dict()))
+    overrides = dict(config_lib.dotted_items(sweep.overrides.to_dict()))
+    overrides.update(config_lib.dotted_items(sweep.variants[name].to_dict()))
     return config_lib.load_config(sweep.config, overrides)
 
 

@@ -393,13 +393,10 @@ def _run_keys(seed: int) -> tuple[jax.Array, ...]:
     return (*jax.random.split(root, 3), jax.random.fold_in(root, AUGMENT_STREAM))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            scalar = isinstance(value, (int, float, str, bool))
-            yield f"{prefix}{key}", value if scalar else str(value)
+def _flatten(tree: dict[str, Any]):
+    """Hyperparameters for TensorBoard: dotted keys, scalars or strings."""
+    for key, value in config_lib.dotted_items(tree):
+        yield key, value if isinstance(value, (int, float, str, bool)) else str(value)
 
 
 def _hms(seconds: float) -> str:

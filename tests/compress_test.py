@@ -141,3 +141,13 @@ def test_smoke_pipeline_writes_the_table(tmp_path):
         table = f.read()
     assert table.count("\n") == len(rows) + 2
     assert all(0.0 <= r.accuracy <= 1.0 and r.eval_images_per_s > 0 for r in rows)
+
+
+def test_the_measured_table_in_docs_is_in_the_pipelines_format():
+    """docs/results/compression_results.json (the notebook's default) is a
+    table `research.compress` wrote: every row rebuilds a `Row`."""
+    path = os.path.join(conftest.REPO, "docs", "results", "compression_results.json")
+    with open(path) as f:
+        rows = [compress.Row(**r) for r in json.load(f)]
+    assert {r.stage for r in rows} >= {"baseline", "distill", "prune", "ptq"}
+    assert all(0.0 < r.accuracy < 1.0 and r.nonzeros <= r.params for r in rows)

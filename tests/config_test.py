@@ -17,8 +17,10 @@ CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(conftest.CONFIGS, "*.py"
 PRESETS = {"cifar_cnn.py": ["", "smoke"], "cifar_convnet.py": ["", "smoke"],
            "shakespeare_rnn.py": ["", "cpu", "smoke"],
            "cifar_fast.py": ["", "gpu", "cpu", "smoke"],
-           "compress_cifar.py": ["", "smoke"]}
+           "compress_cifar.py": ["", "smoke"], "diloco_cifar.py": ["", "smoke"],
+           "diloco_lstm.py": ["", "smoke"]}
 PIPELINES = {"compress_cifar.py"}  # research.compress configs, not experiments
+SWEEPS = {"diloco_cifar.py", "diloco_lstm.py"}  # research.sweep configs
 
 
 def _parse(*args):
@@ -40,6 +42,11 @@ def test_every_config_and_preset_loads_and_validates(path):
         if os.path.basename(path) in PIPELINES:
             from research import compress  # pylint: disable=g-import-not-at-top
             compress.check(config)
+        elif os.path.basename(path) in SWEEPS:
+            from research import sweep  # pylint: disable=g-import-not-at-top
+            assert set(config.order) <= set(config.variants), config.order
+            for name in config.variants:
+                config_lib.validate(sweep.variant_config(config, name))
         else:
             config_lib.validate(config)
 
