@@ -25,7 +25,6 @@ twice the multiply-adds of a float32 FMA per instruction).
 import functools
 import json
 import os
-import statistics
 import subprocess
 import time
 
@@ -73,18 +72,6 @@ def matmul_peak_flops(n: int = 2048) -> float:
     return 2 * n ** 3 / best
 
 
-def _median_time(fn, steps: int, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = None
-        for _ in range(steps):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
-
-
 def _model_flops(exp: experiment.Experiment, batch_size: int, args
                  ) -> tuple[float, str]:
     """Model FLOPs of one train step, and where the number comes from."""
@@ -115,7 +102,7 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
         return holder["carry"][2]
 
     jax.block_until_ready(train_call())
-    step_s = _median_time(train_call, FLAGS.steps, FLAGS.repeats)
+    step_s = bench_stream.median_time(train_call, FLAGS.steps, FLAGS.repeats)
 
     synthetic = costs.synthetic_rows(exp, batch_size)
     # Which examples (images) or predicted characters (text) count.
@@ -130,7 +117,7 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
             out_shardings=parallel.replicated(mesh)).lower(
                 variables, batch, exp.aux()).compile()
     jax.block_until_ready(eval_fn(variables, batch, exp.aux()))
-    eval_s = _median_time(lambda: eval_fn(variables, batch, exp.aux()), FLAGS.steps,
+    eval_s = bench_stream.median_time(lambda: eval_fn(variables, batch, exp.aux()), FLAGS.steps,
                           FLAGS.repeats)
     _, per_example = exp.dataset.throughput_unit(config)
     return {"framework": "jax", "jax_version": jax.__version__,

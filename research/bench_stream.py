@@ -28,7 +28,7 @@ from research import streaming
 Split = dict[str, np.ndarray]
 
 
-def _median_time(fn: Callable[[], Any], steps: int, repeats: int) -> float:
+def median_time(fn: Callable[[], Any], steps: int, repeats: int) -> float:
     """Seconds per call: the median of `repeats` timings of `steps` calls."""
     times = []
     for _ in range(repeats):
@@ -130,7 +130,7 @@ def bench_stream(config: ml_collections.ConfigDict, batch_size: int,
         placed = take("read")
         for _ in range(drain):
             take("read")
-        read_s = _median_time(lambda: take("read"), 2 * steps, repeats)
+        read_s = median_time(lambda: take("read"), 2 * steps, repeats)
         streams["read"].close()
         # The streamed step with and without its input and the in-memory
         # step, alternated in one loop: the same machine load for each.
@@ -140,12 +140,12 @@ def bench_stream(config: ml_collections.ConfigDict, batch_size: int,
         timings = {"with": [], "without": [], "wait": [], "memory": []}
         for _ in range(repeats):
             waited["s"] = 0.0
-            timings["with"].append(_median_time(lambda: train_call(take("fed")),
+            timings["with"].append(median_time(lambda: train_call(take("fed")),
                                                 steps, 1))
             timings["wait"].append(waited["s"] / steps)
-            timings["without"].append(_median_time(lambda: train_call(placed),
+            timings["without"].append(median_time(lambda: train_call(placed),
                                                    steps, 1))
-            timings["memory"].append(_median_time(memory_call, steps, 1))
+            timings["memory"].append(median_time(memory_call, steps, 1))
         streams["fed"].close()
         with_input_s, without_input_s, wait_s, memory_s = (
             statistics.median(timings[k])

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from ml_collections import config_flags
 
 from research import config_lib
 from research import errors
@@ -157,7 +156,7 @@ class Pipeline:
                   params=sum(x.size for x in jax.tree.leaves(params)),
                   nonzeros=prune.count_nonzero(params), bytes=os.path.getsize(path),
                   bytes_zipped=_zipped_size(path), eval_images_per_s=speed,
-                  workdir=self.path(name))
+                  workdir=name)
         logging.info("%s", row)
         self.rows.append(row)
         return row
@@ -318,15 +317,7 @@ def write_results(rows: list[Row], workdir: str) -> None:
 
 def _main(argv: list[str]) -> None:
     """`--config` is a compression config here; `--workdir` holds the stages."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.config is None:
-        raise app.UsageError("--config is required, e.g. "
-                             "--config=configs/compress_cifar.py")
-    main_lib.cache_compiled_programs()
-    workdir = flags.FLAGS.workdir or main_lib.default_workdir(
-        config_flags.get_config_filename(flags.FLAGS["config"]))
-    main_lib.log_to_file(workdir)
+    workdir = main_lib.pipeline_workdir(argv, "configs/compress_cifar.py")
     rows = run(flags.FLAGS.config, workdir)
     for r in rows:
         writers.report(f"{r.name}: {100 * r.accuracy:.2f}%, {r.nonzeros:,} non-zeros, "

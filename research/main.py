@@ -119,6 +119,21 @@ def _config_and_workdir():
     return config, workdir
 
 
+def pipeline_workdir(argv: list[str], example_config: str) -> str:
+    """For commands whose `--config` drives several runs (research.compress,
+    research.sweep): checks the command line, turns on the compilation cache
+    and the log file; returns the workdir that holds the runs."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.config is None:
+        raise app.UsageError(f"--config is required, e.g. --config={example_config}")
+    cache_compiled_programs()
+    workdir = FLAGS.workdir or default_workdir(
+        config_flags.get_config_filename(FLAGS["config"]))
+    log_to_file(workdir)
+    return workdir
+
+
 def cache_compiled_programs() -> None:
     """JAX's persistent compilation cache, unless the user set one: a rerun of
     the same config loads its compiled steps instead of compiling them."""

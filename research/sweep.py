@@ -20,7 +20,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
-from ml_collections import config_flags
 
 from research import config_lib
 from research import errors
@@ -90,15 +89,7 @@ def write_results(rows: list[dict[str, Any]], workdir: str) -> None:
 
 def _main(argv: list[str]) -> None:
     """`--config` is a sweep config here; `--workdir` holds the variants."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.config is None:
-        raise app.UsageError("--config is required, e.g. "
-                             "--config=configs/diloco_cifar.py")
-    main_lib.cache_compiled_programs()
-    workdir = flags.FLAGS.workdir or main_lib.default_workdir(
-        config_flags.get_config_filename(flags.FLAGS["config"]))
-    main_lib.log_to_file(workdir)
+    workdir = main_lib.pipeline_workdir(argv, "configs/diloco_cifar.py")
     run(flags.FLAGS.config, workdir)
     writers.report(f"table: {os.path.join(workdir, RESULTS + '.md')}")
 
