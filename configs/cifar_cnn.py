@@ -82,6 +82,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "begin_step": 0,              # first mask update
         "end_step": 0,                # cubic: final sparsity reached; 0: 3/4 of the run
         "update_every": 100,          # steps between mask updates
+        "exclude": "",                # regex of parameter paths never pruned
     })
     config.quant = ml_collections.ConfigDict({
         "qat": False,                 # train through int8 fake quantization (qwix)

@@ -49,6 +49,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "whiten_bias": {"pattern": "whiten_bias", "lr_scale": 1.0,
                         "train_epochs": 3.0},     # then frozen
     })
+    config.prune.exclude = "whiten"   # frozen, set from the data: never pruned
     config.lookahead.every = 5
     config.lookahead.decay = 0.95
     config.batch_size = 1024

@@ -40,19 +40,25 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     })
     config.prune = ml_collections.ConfigDict({
         "models": ("student", "teacher"),  # which trained models to prune
-        "levels": (0.5, 0.75, 0.9, 0.95),  # final sparsities, one run each
+        # Final sparsities, one run each; 0: the same fine-tuning, dense
+        # (what the pruned runs' extra epochs alone are worth).
+        "levels": (0.0, 0.5, 0.75, 0.9, 0.95),
         "compose_level": 0.75,        # pruned model that prune_ptq quantizes
         "schedule": "cubic",          # gradual, from the dense weights
         "scope": "layer",             # "layer" or "global" magnitude ranking
-        "update_every": 50,           # steps between mask updates
-        "fine_tune_epochs": 5,        # from the trained weights, at each level
         "teacher_levels": (0.75, 0.9),  # the teacher's own; empty: `levels`
-        "teacher_fine_tune_epochs": 3,  # the teacher's; 0: fine_tune_epochs
+    })
+    # Pruning fine-tunes each trained model from its weights; QAT too (at
+    # the same rates). lr_scale multiplies the model's learning rates and
+    # weight decay and drops the warmup (1: its own recipe, as trained).
+    config.fine_tune = ml_collections.ConfigDict({
+        "student": {"epochs": 5, "lr_scale": 0.1, "prune_update_every": 50},
+        "teacher": {"epochs": 4, "lr_scale": 0.2, "prune_update_every": 8},
     })
     config.quant = ml_collections.ConfigDict({
         "calibration_batches": 8,     # x 256 training images for static ranges
         "qat_epochs": 2,              # quantization-aware fine-tuning
-        "qat_models": ("student",),   # which models get it ("teacher" too)
+        "qat_models": ("student", "teacher"),  # which models get it
     })
 
     if preset == "smoke":             # the whole pipeline in a minute or two
@@ -67,12 +73,12 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
             config[role].overrides.checkpoint_every_steps = 16
         config.teacher.config = "configs/cifar_fast.py:smoke"
         config.prune.teacher_levels = (0.5,)
-        config.prune.teacher_fine_tune_epochs = 1
         config.quant.qat_models = ("teacher", "student")
         config.prune.levels = (0.5, 0.9)
         config.prune.compose_level = 0.5
-        config.prune.update_every = 4
-        config.prune.fine_tune_epochs = 1
+        for model in ("teacher", "student"):
+            config.fine_tune[model].epochs = 1
+            config.fine_tune[model].prune_update_every = 4
         config.quant.calibration_batches = 1
         config.quant.qat_epochs = 1
     elif preset:

@@ -22,7 +22,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "log_every_steps": 100, "checkpoint_every_steps": 1000})
     sweep.variants = diloco_cifar.variants()
     sweep.order = ("sync", "diloco_h4", "diloco_h16", "diloco_h64",
-                   "diloco_h16_nesterov", "diloco_h16_delayed")
+                   "diloco_h16_nesterov", "diloco_h16_delayed",
+                   "diloco_h16_nesterov_delayed")
     if preset == "smoke":
         sweep.overrides.num_epochs = 1
     elif preset:

@@ -71,6 +71,11 @@ def check(config: ml_collections.ConfigDict) -> None:
                                    "must be in [0, 1).")
     for role in ("teacher", "student"):
         config_lib.load_config(config[role].config)  # exists, presets known
+        options = config.fine_tune[role]
+        if options.lr_scale <= 0 or options.epochs < 1 or options.prune_update_every < 1:
+            raise errors.UserError(
+                f"config.fine_tune.{role} needs lr_scale > 0, epochs >= 1 and "
+                f"prune_update_every >= 1; got {options.to_dict()}.")
     for name in config.prune.models:
         if name not in ("teacher", "student"):
             raise errors.UserError(f"config.prune.models has {name!r}; choose from "
@@ -245,7 +250,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
             for level in levels:
                 name = f"prune_{model}_{int(round(100 * level))}"
                 cfg = p.train(name, role, {
-                    **_prune_overrides(config, level, model),
+                    **_prune_overrides(config, level, model, configs[source]),
                     "init_from": p.path(source)})
                 configs[name] = cfg
                 p.float_row(name, model, "prune", cfg)
@@ -258,6 +263,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
             source, role = sources[model]
             name = f"qat_{model}"
             cfg = p.train(name, role, {**_kernels_off(configs[source]),
+                                       **_fine_tune(config, model, configs[source]),
                                        "quant.qat": True,
                                        "num_epochs": config.quant.qat_epochs,
                                        "init_from": p.path(source)})
@@ -272,14 +278,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
     return p.rows
 
 
+def _fine_tune(config: ml_collections.ConfigDict, model: str,
+               source: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Overrides that fine-tune `source` (the trained model's config) at
+    `config.fine_tune[model].lr_scale` times its learning rates and weight
+    decay, without warmup: the trained weights need no ramp, and a recipe's
+    peak rate would undo much of the training (scale 1: `source` as is)."""
+    scale = config.fine_tune[model].lr_scale
+    if scale == 1.0:
+        return {}
+    return {"learning_rate": source.learning_rate * scale,
+            "end_learning_rate": source.end_learning_rate * scale,
+            "weight_decay": source.weight_decay * scale,
+            "warmup_fraction": 0.0}
+
+
 def _prune_overrides(config: ml_collections.ConfigDict, level: float,
-                     model: str) -> dict[str, Any]:
-    epochs = config.prune.fine_tune_epochs
-    if model == "teacher" and config.prune.teacher_fine_tune_epochs:
-        epochs = config.prune.teacher_fine_tune_epochs
+                     model: str, source: ml_collections.ConfigDict
+                     ) -> dict[str, Any]:
+    options = config.fine_tune[model]
     return {"prune.sparsity": level, "prune.schedule": config.prune.schedule,
             "prune.scope": config.prune.scope,
-            "prune.update_every": config.prune.update_every, "num_epochs": epochs}
+            "prune.update_every": options.prune_update_every,
+            "num_epochs": options.epochs, **_fine_tune(config, model, source)}
 
 
 def _kernels_off(config: ml_collections.ConfigDict) -> dict[str, Any]:

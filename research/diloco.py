@@ -11,12 +11,18 @@ syncs no array crosses replicas: the inner steps run in a `shard_map` that
 is manual over the replica axis only, so each replica's gradients are
 reduced over its own devices only.
 
-`delayed=True` overlaps the outer update with the next inner steps: at the
-end of period p the outer step applies period p - 1's outer gradient (zeros
-at the first sync) and keeps period p's for the next sync, and the replicas
-start period p + 1 from the result. Period p's all-reduce so has all of
-period p + 1 to finish; the price is staleness 1: each applied gradient was
-computed from parameters one outer step older than those it updates.
+`delayed=True` takes the all-reduce off the critical path: the outer step at
+the end of period p applies period p - 1's averaged change (it had all of
+period p to arrive) and starts period p's all-reduce; each replica then
+resumes from those outer parameters plus its own share (1/K) of its change
+in period p, the part of the coming average it already knows (the eager
+updates of arXiv:2502.12996; the other replicas' progress reaches it one
+period late). With one replica, outer rate 1 and no momentum this is plain
+training, exactly as without the delay.
+
+Training ends with a last sync after the final step, whatever its phase in
+the period (and, delayed, the pending change applied too), so the outer
+model holds every step.
 
 Evaluation and the checkpoint's `model` item use the outer parameters (with
 the replicas' averaged BatchNorm statistics).
@@ -92,9 +98,9 @@ def options(config: ml_collections.ConfigDict) -> Options | None:
 
 
 def replicas(config: ml_collections.ConfigDict) -> int:
-    """K for the mesh: the config's replicas under DiLoCo, else 1."""
+    """K for the mesh's replica axis under DiLoCo; 0 (no such axis) else."""
     opts = options(config)
-    return 1 if opts is None else opts.replicas
+    return 0 if opts is None else opts.replicas
 
 
 class DilocoState(struct.PyTreeNode):
@@ -102,14 +108,17 @@ class DilocoState(struct.PyTreeNode):
 
     `inner` is a `TrainState` whose leaves have a leading [replicas] axis,
     split over the mesh's replica axis; `pending` holds the outer gradient
-    waiting to be applied (delayed mode). It maps itself to and from the
-    checkpoint (`state.checkpoint_items` calls these methods).
+    waiting to be applied and `anchor` (like `inner.params`) where each
+    replica started its period (delayed mode; {} otherwise). It maps itself
+    to and from the checkpoint (`state.checkpoint_items` calls these).
     """
     inner: state_lib.TrainState
     outer_params: PyTree
     outer_model_state: PyTree
     outer_opt_state: PyTree
     pending: PyTree
+    anchor: PyTree      # delayed: each replica's params at its period's start
+    final_step: jax.Array  # int32 []: the run's last step (a last sync after it)
     options: Options = struct.field(pytree_node=False)
 
     @property
@@ -142,7 +151,8 @@ class DilocoState(struct.PyTreeNode):
                                     "opt_state": inner.opt_state,
                                     "extras": inner.extras},
                           "outer_opt_state": self.outer_opt_state,
-                          "pending": self.pending, "loop": loop}}
+                          "pending": self.pending, "anchor": self.anchor,
+                          "loop": loop}}
 
     def restore_items(self, items: dict[str, PyTree]
                       ) -> tuple["DilocoState", PyTree]:
@@ -151,8 +161,8 @@ class DilocoState(struct.PyTreeNode):
             inner=self.inner.replace(**train["inner"]),
             outer_params=model["params"],
             outer_model_state={k: v for k, v in model.items() if k != "params"},
-            outer_opt_state=train["outer_opt_state"], pending=train["pending"]
-        ), train["loop"]
+            outer_opt_state=train["outer_opt_state"], pending=train["pending"],
+            anchor=train["anchor"]), train["loop"]
 
 
 @functools.cache
@@ -163,50 +173,87 @@ def outer_optimizer(opts: Options) -> optax.GradientTransformation:
                      nesterov=True)
 
 
-def create(state: state_lib.TrainState, opts: Options) -> DilocoState:
+def create(state: state_lib.TrainState, opts: Options, final_step: Any
+           ) -> DilocoState:
     """Every replica starts from `state`; the outer model is its model."""
     inner = jax.tree.map(lambda x: jnp.broadcast_to(x, (opts.replicas,) + x.shape),
                          state)
     return DilocoState(
         inner=inner, outer_params=state.params, outer_model_state=state.model_state,
         outer_opt_state=outer_optimizer(opts).init(state.params),
-        pending=jax.tree.map(jnp.zeros_like, state.params), options=opts)
+        pending=jax.tree.map(jnp.zeros_like, state.params),
+        anchor=inner.params if opts.delayed else {},
+        final_step=jnp.asarray(final_step, jnp.int32), options=opts)
 
 
 def shardings(opts: Options, mesh: jax.sharding.Mesh) -> DilocoState:
     """A sharding prefix of a `DilocoState`: the replicas' states split over
     the replica axis, the outer model and its optimizer replicated."""
     replicated = NamedSharding(mesh, P())
-    return DilocoState(inner=NamedSharding(mesh, P(REPLICA_AXIS)),
-                       outer_params=replicated, outer_model_state=replicated,
-                       outer_opt_state=replicated, pending=replicated, options=opts)
+    per_replica = NamedSharding(mesh, P(REPLICA_AXIS))
+    return DilocoState(inner=per_replica, outer_params=replicated,
+                       outer_model_state=replicated, outer_opt_state=replicated,
+                       pending=replicated, anchor=per_replica,
+                       final_step=replicated, options=opts)
 
 
 def _mean_over_replicas(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jnp.mean(x, axis=0).astype(x.dtype), tree)
 
 
-def _sync(state: DilocoState) -> DilocoState:
-    """The outer step: one all-reduce of the replicas' parameters (and
-    BatchNorm statistics), then outer Nesterov SGD on their mean change."""
-    outer_grad = jax.tree.map(lambda outer, mean: (outer - mean).astype(outer.dtype),
-                              state.outer_params,
-                              _mean_over_replicas(state.inner.params))
+def _broadcast(tree: PyTree, k: int) -> PyTree:
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), tree)
+
+
+def _outer_step(state: DilocoState, outer_params: PyTree, opt_state: PyTree,
+                outer_grad: PyTree) -> tuple[PyTree, PyTree]:
+    updates, opt_state = outer_optimizer(state.options).update(
+        outer_grad, opt_state, outer_params)
+    return optax.apply_updates(outer_params, updates), opt_state
+
+
+def _sync(state: DilocoState, final: Any = False) -> DilocoState:
+    """The outer step: one all-reduce of the replicas' parameter changes (and
+    BatchNorm statistics), then outer Nesterov SGD on their mean.
+
+    Delayed, the change applied is the previous period's (zeros at the first
+    sync, which leaves the parameters and a fresh momentum unchanged) and
+    each replica goes on from the result plus 1/K of its own latest change;
+    at the `final` sync both pending changes are applied and the replicas
+    join."""
+    k, delayed = state.options.replicas, state.options.delayed
+    if delayed:
+        change = jax.tree.map(lambda a, p: (a - p).astype(p.dtype), state.anchor,
+                              state.inner.params)
+        outer_grad = _mean_over_replicas(change)
+    else:  # every replica started from the outer parameters
+        outer_grad = jax.tree.map(lambda o, m: (o - m).astype(o.dtype),
+                                  state.outer_params,
+                                  _mean_over_replicas(state.inner.params))
     model_state = _mean_over_replicas(state.inner.model_state)
-    # Delayed: the previous period's gradient (zeros at the first sync, which
-    # leaves the parameters and a fresh momentum unchanged).
-    applied = state.pending if state.options.delayed else outer_grad
-    updates, outer_opt_state = outer_optimizer(state.options).update(
-        applied, state.outer_opt_state, state.outer_params)
-    outer_params = optax.apply_updates(state.outer_params, updates)
-    k = state.options.replicas
-    broadcast = lambda tree: jax.tree.map(  # noqa: E731
-        lambda x: jnp.broadcast_to(x, (k,) + x.shape), tree)
-    inner = state.inner.replace(params=broadcast(outer_params),
-                                model_state=broadcast(model_state))
-    return state.replace(inner=inner, outer_params=outer_params,
-                         outer_model_state=model_state,
-                         outer_opt_state=outer_opt_state, pending=outer_grad)
+    applied = state.pending if delayed else outer_grad
+    outer_params, opt_state = _outer_step(state, state.outer_params,
+                                          state.outer_opt_state, applied)
+    inner = state.inner.replace(model_state=_broadcast(model_state, k))
+    if not delayed:
+        inner = inner.replace(params=_broadcast(outer_params, k))
+        return state.replace(inner=inner, outer_params=outer_params,
+                             outer_model_state=model_state,
+                             outer_opt_state=opt_state, pending=outer_grad)
+
+    def join():  # the last sync: nothing left in flight
+        params, opt = _outer_step(state, outer_params, opt_state, outer_grad)
+        zeros = jax.tree.map(jnp.zeros_like, outer_grad)
+        return params, opt, zeros, _broadcast(params, k)
+
+    def go_on():  # each replica: the outer model plus its share of its change
+        return outer_params, opt_state, outer_grad, jax.tree.map(
+            lambda o, c: (o[None] - c / k).astype(c.dtype), outer_params, change)
+
+    outer_params, opt_state, pending, params = jax.lax.cond(final, join, go_on)
+    return state.replace(inner=inner.replace(params=params),
+                         outer_params=outer_params, outer_model_state=model_state,
+                         outer_opt_state=opt_state, pending=pending, anchor=params)
 
 
 def inner_steps(state: DilocoState, batch: dict[str, jax.Array], rng: jax.Array,
@@ -247,11 +294,13 @@ def inner_steps(state: DilocoState, batch: dict[str, jax.Array], rng: jax.Array,
 def train_step(state: DilocoState, batch: dict[str, jax.Array], rng: jax.Array,
                aux: PyTree, *, inner_step, mesh: jax.sharding.Mesh
                ) -> tuple[DilocoState, Any, jax.Array]:
-    """`inner_steps`, then the outer step after every `sync_every`-th."""
+    """`inner_steps`, then the outer step after every `sync_every`-th and
+    after the last."""
     state, metrics, loss = inner_steps(state, batch, rng, aux,
                                        inner_step=inner_step, mesh=mesh)
-    state = jax.lax.cond(state.step % state.options.sync_every == 0, _sync,
-                         lambda s: s, state)
+    final = state.step == state.final_step
+    state = jax.lax.cond((state.step % state.options.sync_every == 0) | final,
+                         functools.partial(_sync, final=final), lambda s: s, state)
     return state, metrics, loss
 
 
@@ -260,13 +309,16 @@ def parameter_bytes(tree: PyTree) -> int:
                for x in jax.tree.leaves(tree))
 
 
-def communication(state: Any, step: int, devices: int) -> dict[str, float]:
+def communication(state: Any, step: int, devices: int, final_step: int = 0
+                  ) -> dict[str, float]:
     """What the schedule has sent so far, per participant of the all-reduce
     (a device for `sync`, a replica for DiLoCo; the payload, before the
     all-reduce algorithm's own factor): the number of all-reduces of the
-    model ("syncs") and the bytes per step averaged over the run."""
+    model ("syncs", DiLoCo's last one after `final_step` included) and the
+    bytes per step averaged over the run."""
     if isinstance(state, DilocoState):
-        syncs = step // state.options.sync_every
+        h = state.options.sync_every
+        syncs = step // h + int(step % h != 0 and step == final_step)
         per_sync = parameter_bytes(state.outer_params) + parameter_bytes(
             state.outer_model_state)
     else:  # a gradient all-reduce every step, over several devices

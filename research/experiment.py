@@ -82,25 +82,30 @@ class Experiment:
                 steps_per_epoch=steps_per_epoch, variables=variables)
 
         return self._distribute(jax.jit(
-            create, out_shardings=parallel.replicated(self.mesh))(rng, inputs))
+            create, out_shardings=parallel.replicated(self.mesh))(rng, inputs),
+            total_steps)
 
-    def _distribute(self, state: state_lib.TrainState):
+    def _distribute(self, state: state_lib.TrainState, total_steps: Any):
         """`state` as the data-parallel scheme holds it: replicated (sync), or
-        one copy per replica beside the outer model (`diloco.DilocoState`)."""
+        one copy per replica beside the outer model (`diloco.DilocoState`,
+        which syncs after step `total_steps` too)."""
         opts = diloco.options(self.config)
         if opts is None:
             return state
-        return jax.jit(functools.partial(diloco.create, opts=opts),
-                       out_shardings=diloco.shardings(opts, self.mesh))(state)
+        return jax.jit(lambda s, t: diloco.create(s, opts, t),
+                       out_shardings=diloco.shardings(opts, self.mesh))(
+                           state, total_steps)
 
     def restart_state(self, state, variables: PyTree):
         """`state` with the model's variables replaced (e.g. by a trained
         run's) and the optimizer state and extras made anew from them."""
-        template = state.inner if isinstance(state, diloco.DilocoState) else state
+        is_diloco = isinstance(state, diloco.DilocoState)
+        template = state.inner if is_diloco else state
         return self._distribute(jax.jit(lambda v: state_lib.TrainState.create(
             apply_fn=template.apply_fn, variables=v, tx=template.tx,
             extra_fns=template.extra_fns),
-            out_shardings=parallel.replicated(self.mesh))(variables))
+            out_shardings=parallel.replicated(self.mesh))(variables),
+            state.final_step if is_diloco else 0)
 
     def _chunk_shardings(self):
         """Of a train chunk's outputs (state, metrics, bad step)."""

@@ -80,9 +80,9 @@ def _wait_for_coordinator(address: str, timeout_s: int) -> None:
             time.sleep(0.5)
 
 
-def create_mesh(num_devices: int = 0, replicas: int = 1) -> jax.sharding.Mesh:
+def create_mesh(num_devices: int = 0, replicas: int = 0) -> jax.sharding.Mesh:
     """A mesh over the first `num_devices` devices (0: all of them): 1-D
-    ("data"), or ("replica", "data") with `replicas` > 1 groups."""
+    ("data"), or ("replica", "data") with `replicas` >= 1 groups."""
     available = jax.device_count()
     n = num_devices or available
     if n > available:
@@ -93,7 +93,7 @@ def create_mesh(num_devices: int = 0, replicas: int = 1) -> jax.sharding.Mesh:
                                "multi-process job.")
     # Auto axes: the default Explicit axes break linen Dropout and integer-label
     # cross-entropy under jit.
-    if replicas > 1:
+    if replicas:
         if n % replicas:
             raise errors.UserError(
                 f"config.data_parallel.replicas={replicas} does not divide the {n} "

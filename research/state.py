@@ -158,6 +158,15 @@ class TrainState(struct.PyTreeNode):
         for extra in self.extra_fns:
             value, state = extra.update(state.extras[extra.name], state)
             state = state.replace(extras={**state.extras, extra.name: value})
+        masks = prune.masks_of(opt_state)
+        if masks is not None and self.extra_fns:
+            # Lookahead and EMA blend in weights from before pruning: mask
+            # them and the weights they pull back, so zeros stay zeros.
+            state = state.replace(
+                params=prune.apply_masks(state.params, masks),
+                extras={k: {**v, "params": prune.apply_masks(v["params"], masks)}
+                        if isinstance(v, dict) and "params" in v else v
+                        for k, v in state.extras.items()})
         return state
 
 

@@ -187,6 +187,7 @@ class Trainer:
             self.writer.write_hparams(dict(_flatten(self.config.to_dict())))
         self.compile()
         if self.step >= self.total_steps:
+            workdir_lib.record_changes(self.config, self.workdir, self.history)
             self.result = self.evaluate()
             writers.report(f"already trained to step {self.step}: "
                            f"{writers.describe(self.result, self.config.eval_split)}")
@@ -333,7 +334,8 @@ class Trainer:
                    for k, v in self.totals["log"].compute().items()}
         metrics["train/learning_rate"] = float(self.lr_fn(step - 1))
         metrics.update(state_lib.state_metrics(self.state))
-        metrics.update(diloco.communication(self.state, step, self.exp.mesh.size))
+        metrics.update(diloco.communication(self.state, step, self.exp.mesh.size,
+                                            self.total_steps))
         self.writer.write_scalars(step, {
             **metrics, "perf/steps_per_sec": steps_per_sec,
             f"perf/{unit}_per_sec": steps_per_sec * self.config.batch_size

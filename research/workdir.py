@@ -160,6 +160,15 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict,
         {"field": k, "from": old, "to": new} for k, old, new in changes]}]
 
 
+def record_changes(config: ml_collections.ConfigDict, workdir: str,
+                   history: list[dict[str, Any]]) -> None:
+    """Writes `config.json` if `history` has changes it does not hold yet
+    (a finished run evaluated with `--allow_config_change`)."""
+    saved = _saved_config(workdir)
+    if saved is not None and saved.get("_history", []) != history:
+        save_config(config, workdir, history)
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str,
                 history: list[dict[str, Any]]) -> None:
     """Writes `config.json` (process 0): the config and its change history."""
@@ -169,12 +178,20 @@ def save_config(config: ml_collections.ConfigDict, workdir: str,
 
 def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = ""
          ) -> list[tuple[str, Any, Any]]:
-    """(dotted key, old, new) for every leaf that differs; lists as tuples."""
+    """(dotted key, old, new) for every leaf that differs; lists as tuples.
+
+    A field the run's config lacks (added to the code since) is no change
+    while it is off (False, 0, "", empty): it cannot have changed that run.
+    """
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
+        if key not in old and isinstance(b, dict):
+            a = {}
         if isinstance(a, dict) and isinstance(b, dict):
             out += diff(a, b, f"{prefix}{key}.")
+        elif key not in old and not b:
+            continue
         elif _plain(a) != _plain(b):
             out.append((f"{prefix}{key}", _plain(a), _plain(b)))
     return out

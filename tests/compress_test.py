@@ -43,6 +43,18 @@ def test_pruned_weights_are_zero_and_a_resume_mid_pruning_is_bitwise(tmp_path):
     assert "prune/sparsity/Dense_0/kernel" in logged[-1]
 
 
+@pytest.mark.parametrize("extra", [{"lookahead.every": 3}, {"ema_decay": 0.9}])
+def test_pruned_weights_stay_zero_under_lookahead_and_ema(tmp_path, extra):
+    # Both blend in weights from before pruning; the saved model (the EMA's
+    # variables, or the weights lookahead pulled back) must still be sparse.
+    config = _pruned_config(**extra)
+    train_test.mocked(train.train_and_evaluate, config, str(tmp_path))
+    report = prune.sparsity(
+        experiment.restore_variables(config, str(tmp_path)).variables["params"])
+    for layer in ("Conv_0/kernel", "Dense_0/kernel", "Dense_2/kernel"):
+        assert report[layer] == pytest.approx(0.75, abs=1 / 400), (layer, report)
+
+
 def test_distillation_keeps_the_teacher_out_and_unchanged(tmp_path):
     teacher_dir = str(tmp_path / "teacher")
     teacher_config = train_test.tiny_config(
@@ -102,6 +114,7 @@ def test_missing_or_mismatched_teacher_fails_before_compute(tmp_path):
     ("stages", ("teacher", "fold"), "Unknown stage 'fold'"),
     ("prune.levels", (0.5, 1.0), r"sparsities must be in \[0, 1\)"),
     ("prune.levels", (-0.1,), r"sparsities must be in \[0, 1\)"),
+    ("fine_tune.teacher.lr_scale", 0.0, r"fine_tune.teacher needs lr_scale > 0"),
 ])
 def test_bad_pipelines_fail_before_compute(tmp_path, key, value, message):
     config = config_lib.load_config(
@@ -122,7 +135,8 @@ def test_smoke_pipeline_writes_the_table(tmp_path):
         os.path.join(conftest.CONFIGS, "compress_cifar.py:smoke"),
         {"data_dir": "/nonexistent/tfds", "train_split": "train",
          "eval_split": "test", "prune.levels": (0.5,), "prune.compose_level": 0.5,
-         "prune.update_every": 1, "student.overrides.batch_size": 8,
+         "fine_tune.student.prune_update_every": 1,
+         "fine_tune.teacher.prune_update_every": 1, "student.overrides.batch_size": 8,
          "teacher.overrides.batch_size": 8})
     workdir = str(tmp_path / "pipeline")
     rows = train_test.mocked(compress.run, config, workdir)
@@ -136,6 +150,8 @@ def test_smoke_pipeline_writes_the_table(tmp_path):
     assert [r["name"] for r in saved] == names
     by_name = {r.name: r for r in rows}
     assert by_name["prune_student_50"].nonzeros < 0.55 * by_name["student_seed0"].params
+    # The fast CNN trains with lookahead; its saved pruned model is sparse too.
+    assert by_name["prune_teacher_50"].nonzeros < 0.6 * by_name["teacher"].params
     assert by_name["student_seed0_int8"].bytes <= 0.27 * by_name["student_seed0"].bytes
     with open(os.path.join(workdir, "compression_results.md")) as f:
         table = f.read()

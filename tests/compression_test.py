@@ -5,6 +5,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import qwix
@@ -248,6 +249,42 @@ class PruneOptimizerTest(parameterized.TestCase):
     def test_bad_update_every(self):
         with self.assertRaises(errors.UserError):
             prune.prune(optax.sgd(0.1), lambda s: 0.5, update_every=0)
+
+    @staticmethod
+    def _options(**kw):
+        return ml_collections.ConfigDict({
+            "sparsity": 0.75, "schedule": "cubic", "scope": "layer",
+            "begin_step": 0, "end_step": 0, "update_every": 50,
+            "exclude": "", **kw})
+
+    def _final_sparsity(self, options, total_steps):
+        params = {"a": {"kernel": jnp.arange(1.0, 101.0).reshape(10, 10)},
+                  "whiten_kernel": jnp.arange(1.0, 17.0).reshape(4, 4)}
+        tx = prune.from_config(optax.sgd(0.0), options, total_steps)
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        for _ in range(total_steps):
+            _, state = update(jax.tree.map(jnp.zeros_like, params), state, params)
+        return prune.sparsity(state.masks)
+
+    def test_the_final_sparsity_is_reached_within_the_run(self):
+        # 144 steps: 3/4 is step 108, whose next update (150) is past the
+        # run; the last update before it (100) reaches the final sparsity.
+        report = self._final_sparsity(self._options(), 144)
+        self.assertEqual(report["a/kernel"], 0.75)
+        with self.assertRaisesRegex(errors.UserError, "lower prune.update_every"):
+            prune.from_config(optax.sgd(0.1), self._options(end_step=120), 144)
+        with self.assertRaisesRegex(errors.UserError, "lower prune.update_every"):
+            prune.from_config(optax.sgd(0.1), self._options(update_every=200), 144)
+
+    def test_excluded_leaves_are_never_pruned(self):
+        report = self._final_sparsity(self._options(exclude="whiten"), 144)
+        self.assertEqual(report["whiten_kernel"], 0.0)
+        self.assertEqual(report["a/kernel"], 0.75)
+        self.assertEqual(self._final_sparsity(self._options(), 144)[
+            "whiten_kernel"], 0.75)
+        with self.assertRaisesRegex(errors.UserError, "not a regular expression"):
+            prune.check_options(self._options(exclude="("))
 
 
 class _Dense(nn.Module):

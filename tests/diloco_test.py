@@ -174,9 +174,32 @@ def test_communication_is_counted_from_the_schedule():
     opts = diloco.Options(replicas=4, sync_every=16, outer_learning_rate=0.7,
                           outer_momentum=0.9, delayed=False)
     state = diloco.DilocoState(inner=None, outer_params=params, outer_model_state={},
-                               outer_opt_state=None, pending=None, options=opts)
-    assert diloco.communication(state, 64, 8) == {
+                               outer_opt_state=None, pending=None, anchor={},
+                               final_step=70, options=opts)
+    assert diloco.communication(state, 64, 8, final_step=70) == {
         "comm/syncs": 4.0, "comm/bytes_per_step": 440 * 4 / 64}
+    # The last sync, after the final step (70 = 4 * 16 + 6), counts too.
+    assert diloco.communication(state, 70, 8, final_step=70)["comm/syncs"] == 5.0
+
+
+@pytest.mark.parametrize("delayed", [False, True])
+def test_one_replica_with_plain_outer_sgd_is_plain_training(tmp_path, delayed):
+    """K = 1, outer lr 1, no momentum: the outer step hands the replica its
+    own parameters back. Delayed, the replica must still never lose its own
+    progress (it goes on from the stale outer model plus its share, here all,
+    of its latest change), and the last sync (step 12, mid-period for H = 5)
+    leaves the outer model equal to the trained one."""
+    from research import train  # pylint: disable=g-import-not-at-top
+    overrides = {**AS_SYNC, "data_parallel.replicas": 1,
+                 "data_parallel.sync_every": 5, "data_parallel.delayed": delayed,
+                 "momentum": 0.9}
+    runs = {}
+    for name, config in (("sync", train_test.tiny_config()),
+                         ("diloco", train_test.tiny_config(**overrides))):
+        train_test.mocked(train.train_and_evaluate, config, str(tmp_path / name))
+        runs[name] = train_test.final_params(config, str(tmp_path / name))
+    assert parallel_test._max_diff(runs["sync"], runs["diloco"]) < (  # pylint: disable=protected-access
+        parallel_test.TOLERANCE)
 
 
 def test_wall_clock_model_charges_syncs_and_hides_delayed_ones():
@@ -234,13 +257,16 @@ def _tiny_data(tmp_path):
     return data_dir
 
 
-def test_resume_between_syncs_after_sigkill_is_bitwise(tmp_path):
+@pytest.mark.parametrize("delayed", [False, True])
+def test_resume_between_syncs_after_sigkill_is_bitwise(tmp_path, delayed):
     """Killed after a checkpoint in the middle of a period (checkpoints every
-    3 steps, syncs every 4), the rerun ends where an uninterrupted run does."""
+    3 steps, syncs every 4), the rerun ends where an uninterrupted run does
+    (delayed: the pending change and the replicas' anchors restored too)."""
     from research import config_lib, experiment  # pylint: disable=g-import-not-at-top
     data_dir = _tiny_data(tmp_path)
     long_run = ("--config.num_epochs=40", "--config.checkpoint_every_steps=3",
-                "--config.log_every_steps=1000")
+                "--config.log_every_steps=1000",
+                f"--config.data_parallel.delayed={delayed}")
     workdir = str(tmp_path / "killed")
     log = str(tmp_path / "killed.log")
     proc = parallel_test._spawn(_args(workdir, data_dir, *long_run), 8, log)  # pylint: disable=protected-access
@@ -267,8 +293,9 @@ def test_resume_between_syncs_after_sigkill_is_bitwise(tmp_path):
 
 def test_two_processes_save_and_eight_devices_resume(tmp_path):
     """2 processes x 2 devices (gloo; each replica one process's devices)
-    train 6 steps; one process with 8 devices resumes to step 12 and matches
-    the 2-process run that went straight to 12, up to reduction order."""
+    train 6 steps; one process with 8 devices extends the run to step 12 and
+    matches the same extension on 2 processes, up to reduction order. (Both
+    end step 6 with the last sync, so a run straight to 12 differs.)"""
     from research import config_lib, experiment  # pylint: disable=g-import-not-at-top
     data_dir = _tiny_data(tmp_path)
 
@@ -289,6 +316,7 @@ def test_two_processes_save_and_eight_devices_resume(tmp_path):
     assert parallel_test._spawn(_args(split, data_dir, "--config.num_epochs=2"),  # pylint: disable=protected-access
                                 8, log).wait(timeout=300) == 0, open(log).read()[-3000:]
     straight = str(tmp_path / "straight")
+    two(straight, 1, "straight")
     two(straight, 2, "straight")
     config = config_lib.load_workdir_config(straight)
     resumed = experiment.restore_variables(config, split)

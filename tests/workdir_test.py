@@ -152,6 +152,24 @@ def test_changed_learning_rate_is_refused_and_longer_training_continues(tmp_path
     assert saved["learning_rate"] == 0.1
     assert {"field": "learning_rate", "from": 0.001, "to": 0.1} in (
         saved["_history"][-1]["changes"])
+    # A finished run only evaluated with the flag records the change too, so
+    # the next plain run of the new config is accepted.
+    changed = train_test.tiny_config(num_epochs=4, learning_rate=0.1,
+                                     **{"prune.exclude": "Dense_2"})
+    train_test.mocked(train.train_and_evaluate, changed, workdir,
+                      allow_config_change=True)
+    assert config_lib.load_workdir_config(workdir).prune.exclude == "Dense_2"
+    assert train_test.mocked(train.train_and_evaluate, changed, workdir)["step"] == 24
+
+
+def test_fields_added_since_a_run_are_no_change_while_off():
+    old = {"lr": 0.1, "prune": {"sparsity": 0.5}}
+    assert workdir_lib.diff(old, {"lr": 0.1, "prune": {"sparsity": 0.5, "exclude": ""},
+                                  "stream": {"workers": 0}}) == []
+    assert workdir_lib.diff(old, {"lr": 0.1, "prune": {"sparsity": 0.5,
+                                                       "exclude": "whiten"}}) == [
+        ("prune.exclude", None, "whiten")]
+    assert workdir_lib.diff({**old, "x": 1}, {**old, "x": 0}) == [("x", 1, 0)]
 
 
 def test_vanished_checkpoints_are_refused(tmp_path):

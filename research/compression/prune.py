@@ -10,6 +10,7 @@ step counter and the inner optimizer's state, so the masks are checkpointed,
 restored and sharded with the rest of the `TrainState`.
 """
 import functools
+import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -297,30 +298,72 @@ def check_options(options: Any) -> None:
     if options.update_every < 1 or options.begin_step < 0:
         raise errors.UserError("config.prune.update_every must be >= 1 and "
                                "begin_step >= 0.")
+    try:
+        re.compile(options.exclude)
+    except re.error as e:
+        raise errors.UserError(f"config.prune.exclude={options.exclude!r} is not "
+                               f"a regular expression: {e}.") from None
+
+
+def _final_update(options: Any, total_steps: int) -> int:
+    """The step of the mask update that reaches the final sparsity.
+
+    Mask updates happen every `update_every` steps from `begin_step`. An
+    explicit `end_step` is rounded up to the next update; the default (3/4
+    of the run) is rounded up, or down where up would fall past the run.
+    """
+    begin, every = options.begin_step, options.update_every
+    if options.schedule == "one_shot":
+        end = begin
+    else:
+        end = options.end_step or max(begin + 1, (3 * total_steps) // 4)
+        up = begin + -(-(end - begin) // every) * every
+        down = begin + (end - begin) // every * every
+        auto = not options.end_step and up >= total_steps and down > begin
+        end = down if auto else up
+    if end >= total_steps:
+        raise errors.UserError(
+            f"config.prune: the final sparsity would be reached at step {end}, "
+            f"but the run has {total_steps} steps (mask updates every "
+            f"{every} from step {begin}); lower prune.update_every, "
+            "prune.begin_step or prune.end_step, or train longer.")
+    return end
 
 
 def from_config(inner: optax.GradientTransformation, options: Any,
                 total_steps: int) -> optax.GradientTransformation:
     """`prune(inner, ...)` as `config.prune` describes it.
 
-    `options.end_step` 0 reaches the final sparsity at 3/4 of the run (the
-    last quarter fine-tunes the pruned network); it is rounded up to whole
-    mask updates, so the final sparsity is reached exactly.
+    `options.end_step` 0 reaches the final sparsity at about 3/4 of the run
+    (the last quarter fine-tunes the pruned network), at a mask update, so
+    the final sparsity is reached exactly. Leaves whose path matches
+    `options.exclude` (a regular expression) are never pruned.
     """
     check_options(options)
     begin = options.begin_step
+    end = _final_update(options, total_steps)
     if options.schedule == "one_shot":
         schedule = functools.partial(one_shot_sparsity, final=options.sparsity,
                                      begin_step=begin)
     else:
-        end = options.end_step or max(begin + 1, (3 * total_steps) // 4)
-        every = options.update_every
-        end = begin + -(-(end - begin) // every) * every
         schedule = functools.partial(cubic_sparsity, initial=0.0,
                                      final=options.sparsity, begin_step=begin,
                                      end_step=end)
+    exclude = options.exclude
+
+    def prunable(path: str, leaf: Any) -> bool:
+        return default_prunable(path, leaf) and not (
+            exclude and re.search(exclude, path))
+
     return prune(inner, schedule, scope=options.scope,
-                 update_every=options.update_every, begin_step=begin)
+                 update_every=options.update_every, begin_step=begin,
+                 prunable=prunable)
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+    """`params` with the pruned entries set to exact zeros."""
+    return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)),
+                        params, masks)
 
 
 def masks_of(opt_state: Any) -> PyTree | None:
