@@ -173,11 +173,15 @@ def outer_optimizer(opts: Options) -> optax.GradientTransformation:
                      nesterov=True)
 
 
+def _broadcast(tree: PyTree, k: int) -> PyTree:
+    """`tree` with a leading [k] axis: one copy per replica."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), tree)
+
+
 def create(state: state_lib.TrainState, opts: Options, final_step: Any
            ) -> DilocoState:
     """Every replica starts from `state`; the outer model is its model."""
-    inner = jax.tree.map(lambda x: jnp.broadcast_to(x, (opts.replicas,) + x.shape),
-                         state)
+    inner = _broadcast(state, opts.replicas)
     return DilocoState(
         inner=inner, outer_params=state.params, outer_model_state=state.model_state,
         outer_opt_state=outer_optimizer(opts).init(state.params),
@@ -199,10 +203,6 @@ def shardings(opts: Options, mesh: jax.sharding.Mesh) -> DilocoState:
 
 def _mean_over_replicas(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jnp.mean(x, axis=0).astype(x.dtype), tree)
-
-
-def _broadcast(tree: PyTree, k: int) -> PyTree:
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), tree)
 
 
 def _outer_step(state: DilocoState, outer_params: PyTree, opt_state: PyTree,
