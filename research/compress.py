@@ -138,9 +138,11 @@ class Pipeline:
             exp.model, restored.variables,
             _calibration(exp, self.config.quant.calibration_batches))
         accuracy, speed = _score(quantized.apply_fn, quantized.variables, exp, data)
-        path = self.path(os.path.join("exports", f"{name}.int8"))
+        path = self.path(os.path.join("exports", f"{name}.int8.safetensors"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        quantize.export_int8(restored.variables["params"], path)
+        quantize.export_int8(quantized.variables, path, model={
+            "model": xla.model, "model_kwargs": xla.model_kwargs.to_dict(),
+            "module_path": ".*"})
         return self._row(name, model, stage, accuracy, restored.variables, path,
                          speed)
 

@@ -136,7 +136,19 @@ def pipeline_workdir(argv: list[str], example_config: str) -> str:
 
 def cache_compiled_programs() -> None:
     """JAX's persistent compilation cache, unless the user set one: a rerun of
-    the same config loads its compiled steps instead of compiling them."""
+    the same config loads its compiled steps instead of compiling them.
+
+    Not in a multi-process job on CPUs: there a cached program's first
+    cross-process collective (gloo) never completes, and the job hangs
+    (jax 0.12; every process compiles instead, a few seconds).
+    """
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        if jax.config.jax_compilation_cache_dir:
+            logging.warning("Not using the compilation cache %s: cached programs "
+                            "hang multi-process CPU jobs.",
+                            jax.config.jax_compilation_cache_dir)
+            jax.config.update("jax_enable_compilation_cache", False)
+        return
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir",
                           os.path.join(input_pipeline.cache_dir(), "jax"))

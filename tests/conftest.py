@@ -1,6 +1,9 @@
 """Test setup: CPU only, quiet TensorFlow, shared helpers as fixtures."""
 import os
+import subprocess
 import tempfile
+
+import pytest
 
 # Before jax or tensorflow load anywhere.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -16,3 +19,22 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_processes(monkeypatch):
+    """Every process a test starts is gone when it ends, whether it passed,
+    failed or timed out: no test leaks into another."""
+    started = []
+    init = subprocess.Popen.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", tracked_init)
+    yield
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -16,7 +16,8 @@ should have quantized stayed float.
 Where qwix falls short, and what is done here instead:
 - qwix has no file format for deployable int8 weights (its quantized params
   are in-memory `QArray` pytrees). `export_int8` / `load_int8` write and read
-  a compact file by hand; the numbers themselves come from `qwix.quantize`.
+  the quantized model's own variables by hand, never re-quantizing: the file
+  is the scored model, bit for bit, on any CPU.
 - qwix's post-training convolution needs act_qtype == weight_qtype, so conv
   layers are always W8A8 (no weight-only int8 convolution).
 - qwix collects static-range statistics (QtProvider, act_static_scale)
@@ -31,22 +32,29 @@ import functools
 import json
 import os
 import re
-import struct
 from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
+import safetensors
+import safetensors.numpy
+# WithAux and HowToQuantize: the PTQ params' leaf types, not exported by name.
+from qwix._src.core import qarray as qwix_qarray
+from qwix._src.providers import ptq as qwix_ptq
 from flax import linen as nn
 from flax import traverse_util
 
 from research import errors
+from research import models
 
 PyTree = Any
 
 _QTYPE = jnp.int8
-_MAGIC = b"RI8\x01"  # research int8, format version 1.
+# The exported file: safetensors, with this metadata key describing the leaves.
+_METADATA_KEY = "research.int8"
+_FORMAT = "1"
 
 
 class QuantizedModel(NamedTuple):
@@ -212,99 +220,165 @@ def _check_quantized(params: PyTree, module_path: str) -> None:
                 "LeNet with conv_impl='xla').")
 
 
-@functools.partial(jax.jit, static_argnames="axis")
-def _int8_per_channel(w: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """qwix's symmetric int8 values and float32 scales along `axis`."""
-    q = qwix.quantize(w.astype(jnp.float32), _QTYPE, channelwise_axes=[axis])
-    return q.qvalue, q.scale.reshape(-1)
-
-
-def _is_kernel(name: str, leaf: np.ndarray) -> bool:
-    return (name.rsplit("/", 1)[-1] == "kernel" and leaf.ndim >= 2
-            and jnp.issubdtype(leaf.dtype, jnp.floating))
-
-
-def _flat_names(params: PyTree) -> dict[str, np.ndarray]:
-    """{"Conv_0/kernel": array} for a tree of dicts with plain string keys."""
+def _flat_leaves(variables: PyTree) -> dict[str, Any]:
+    """{"params/Conv_0/kernel": leaf} for nested dicts with plain string
+    keys; qwix's `WithAux` leaves stay whole."""
     flat = {}
-    for path, leaf in traverse_util.flatten_dict(params).items():
-        if not all(isinstance(k, str) and k and "/" not in k for k in path):
-            raise ValueError(f"export_int8 needs string keys without '/'; got "
-                             f"{path}.")
-        flat["/".join(path)] = np.asarray(leaf)
+    for path, leaf in traverse_util.flatten_dict(variables).items():
+        if not all(isinstance(k, str) and k and "/" not in k and ":" not in k
+                   for k in path):
+            raise ValueError(f"export_int8 needs string keys without '/' or ':'; "
+                             f"got {path}.")
+        flat["/".join(path)] = leaf
     return flat
 
 
-def export_int8(params: PyTree, path: str | os.PathLike) -> int:
-    """Writes int8 kernels with float32 per-output-channel scales.
+def _how_to_json(how: qwix_qarray.HowToQuantize) -> dict[str, Any]:
+    if how.noise_fn is not None or jnp.dtype(how.qtype) != _QTYPE:
+        raise ValueError(f"export_int8 writes int8 without noise functions; "
+                         f"got {how}.")
+    return {"channelwise_axes": list(how.channelwise_axes),
+            "tiled_axes": {str(k): v for k, v in how.tiled_axes.items()},
+            "calibration_method": how.calibration_method}
 
-    Every floating "kernel" leaf with two or more axes (conv HWIO, dense
-    [in, out]) is stored as int8 values plus one float32 scale per entry of
-    its last (output) axis, from `qwix.quantize` (symmetric absmax); every
-    other leaf (biases, BatchNorm, batch_stats if given) is stored as is.
 
-    File layout: magic b"RI8\\x01", a little-endian uint32 header length, a
-    JSON header listing [name, kind, shape(, dtype)] per leaf, then the raw
-    little-endian bytes of each leaf in header order (for "int8" leaves the
-    values, then the scales).
+def _how_from_json(how: dict[str, Any]) -> qwix_qarray.HowToQuantize:
+    return qwix_qarray.HowToQuantize(
+        qtype=_QTYPE, channelwise_axes=how["channelwise_axes"],
+        tiled_axes={int(k): v for k, v in how["tiled_axes"].items()},
+        calibration_method=how["calibration_method"])
+
+
+def export_int8(variables: PyTree, path: str | os.PathLike, *,
+                model: dict[str, Any] | None = None) -> int:
+    """Writes a quantized model's variables as safetensors: the scored model,
+    bit for bit.
+
+    `variables` are `post_training_quantize(...).variables`: their int8
+    kernels (qwix `QArray`s) are written as they are, values and scales,
+    never re-quantized, so `load_int8` gives back exactly the numbers that
+    were evaluated. The static activation scales, biases and BatchNorm
+    parameters and statistics are written as they are too.
+
+    Layout: one tensor per leaf, named by its path ("params/Conv_0/bias");
+    an int8 kernel is two tensors, "<path>:qvalue" (int8) and "<path>:scale"
+    (float32, one per output channel, shaped to broadcast against the
+    values: kernel = qvalue * scale). The metadata "research.int8" holds a
+    JSON object: "format" (its version), "leaves" ({path: {"kind": "qarray" |
+    "aux" | "raw", "how": qwix's recipe}}) and, if given, "model".
 
     Args:
-      params: a pytree of nested dicts (e.g. `state.params`).
+      variables: nested dicts of arrays holding at least one int8 kernel.
       path: the file to write.
+      model: how to rebuild the model: {"model": registered name,
+        "model_kwargs": {...}, "module_path": the quantized modules' regex};
+        `load_int8_model` needs it.
 
     Returns:
       The file's size in bytes.
+
+    Raises:
+      ValueError: no int8 kernel in `variables` (pass the quantized model's,
+        not the float ones), or leaves this format cannot hold.
     """
-    header, blobs = [], []
-    for name, leaf in _flat_names(params).items():
-        if _is_kernel(name, leaf):
-            values, scales = _int8_per_channel(leaf, leaf.ndim - 1)
-            header.append([name, "int8", list(leaf.shape)])
-            blobs.append(np.asarray(values, np.int8).tobytes())
-            blobs.append(np.asarray(scales, "<f4").tobytes())
+    tensors, leaves = {}, {}
+    for name, leaf in _flat_leaves(variables).items():
+        array = getattr(leaf, "array", leaf)
+        if isinstance(array, qwix.QArray):
+            if array.zero_point is not None:
+                raise ValueError(f"{name}: export_int8 writes symmetric int8 only.")
+            tensors[f"{name}:qvalue"] = np.asarray(array.qvalue)
+            tensors[f"{name}:scale"] = np.asarray(array.scale)
+            leaves[name] = {"kind": "qarray", "how": _how_to_json(leaf.how)}
+        elif hasattr(leaf, "how"):
+            tensors[name] = np.asarray(array)
+            leaves[name] = {"kind": "aux", "how": _how_to_json(leaf.how)}
         else:
-            dtype = leaf.dtype.newbyteorder("<")
-            header.append([name, "raw", list(leaf.shape), leaf.dtype.name])
-            blobs.append(np.ascontiguousarray(leaf, dtype).tobytes())
-    text = json.dumps(header, separators=(",", ":")).encode()
-    with open(path, "wb") as f:
-        f.write(_MAGIC + struct.pack("<I", len(text)) + text + b"".join(blobs))
+            tensors[name] = np.asarray(leaf)
+            leaves[name] = {"kind": "raw"}
+    if not any(v["kind"] == "qarray" for v in leaves.values()):
+        raise ValueError("export_int8 found no int8 kernel: pass the variables of "
+                         "post_training_quantize's model, not the float ones.")
+    header = {"format": _FORMAT, "leaves": leaves}
+    if model is not None:
+        header["model"] = model
+    safetensors.numpy.save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
+        metadata={_METADATA_KEY: json.dumps(header, separators=(",", ":"))})
     return os.path.getsize(path)
 
 
+def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The header and tensors of an `export_int8` file."""
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (safetensors.SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); "
+                         "re-export it from the quantized model.") from None
+    if _METADATA_KEY not in metadata:
+        raise ValueError(f"{path} is not an export_int8 file (no "
+                         f"{_METADATA_KEY!r} metadata).")
+    header = json.loads(metadata[_METADATA_KEY])
+    if header.get("format") != _FORMAT:
+        raise ValueError(f"{path}: export_int8 format {header.get('format')!r}, "
+                         f"this code reads {_FORMAT!r}; re-export it.")
+    return header, tensors
+
+
 def load_int8(path: str | os.PathLike) -> PyTree:
-    """Reads an `export_int8` file back as float params.
+    """Reads an `export_int8` file back as the quantized model's variables.
 
-    Kernels come back dequantized (int8 value * float32 scale, the same
-    numbers as `qwix.dequantize`); the other leaves exactly as written.
-
-    Args:
-      path: a file written by `export_int8`.
+    The result is equal, leaf for leaf and bit for bit, to what was exported:
+    `QuantizedModel.apply_fn(load_int8(path), x, train=False)` gives the
+    scored model's logits. `qwix.dequantize` of a kernel's `.array` gives
+    its float values.
 
     Returns:
-      Nested dicts of jax arrays, shaped like the exported params.
+      Nested dicts: qwix `WithAux` leaves for the quantized kernels and
+      activation scales, jax arrays for the rest.
+
+    Raises:
+      ValueError: not an `export_int8` file of this format, or a damaged one.
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != _MAGIC:
-        raise ValueError(f"{path} is not an export_int8 file.")
-    (length,) = struct.unpack_from("<I", data, 4)
-    offset = 8 + length
+    header, tensors = _read(path)
     flat = {}
-    for name, kind, shape, *dtype in json.loads(data[8:offset]):
-        shape = tuple(shape)
-        size = int(np.prod(shape))
-        if kind == "int8":
-            q = np.frombuffer(data, np.int8, size, offset).reshape(shape)
-            offset += size
-            scale = np.frombuffer(data, "<f4", shape[-1], offset)
-            offset += 4 * shape[-1]
-            value = q.astype(np.float32) * scale.astype(np.float32)
-        else:
-            dt = np.dtype(jnp.dtype(dtype[0])).newbyteorder("<")
-            value = np.frombuffer(data, dt, size, offset).reshape(shape)
-            offset += size * dt.itemsize
-        flat[tuple(name.split("/"))] = jnp.asarray(value)
-    if offset != len(data):
-        raise ValueError(f"{path}: {len(data) - offset} unexpected trailing bytes.")
+    for name, leaf in header["leaves"].items():
+        try:
+            if leaf["kind"] == "qarray":
+                value = qwix_ptq.WithAux(
+                    qwix.QArray(qvalue=jnp.asarray(tensors[f"{name}:qvalue"]),
+                                scale=jnp.asarray(tensors[f"{name}:scale"]),
+                                zero_point=None, qtype=_QTYPE),
+                    _how_from_json(leaf["how"]))
+            elif leaf["kind"] == "aux":
+                value = qwix_ptq.WithAux(jnp.asarray(tensors[name]),
+                                         _how_from_json(leaf["how"]))
+            else:
+                value = jnp.asarray(tensors[name])
+        except KeyError as e:
+            raise ValueError(f"{path} lacks the tensor {e}; re-export it.") from None
+        flat[tuple(name.split("/"))] = value
     return traverse_util.unflatten_dict(flat)
+
+
+def load_int8_model(path: str | os.PathLike) -> QuantizedModel:
+    """The quantized model from an `export_int8` file alone: the registered
+    model the file names, quantized as it was, with the file's variables.
+    Its logits equal those of the model that was exported.
+
+    Raises:
+      ValueError: the file does not say which model it holds (exported
+        without `model`), or is not an `export_int8` file.
+      UserError: the model it names is not registered here.
+    """
+    header, _ = _read(path)
+    if "model" not in header:
+        raise ValueError(f"{path} does not name its model (exported without "
+                         "`model=`); build the model and use load_int8.")
+    spec = header["model"]
+    model = models.create_model(spec["model"], **spec["model_kwargs"])
+    ptq = qwix.quantize_model(model, qwix.PtqProvider(
+        _rules(qwix.QuantizationRule, spec["module_path"], static=True)))
+    return QuantizedModel(ptq.apply, load_int8(path))
