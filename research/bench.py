@@ -25,6 +25,7 @@ twice the multiply-adds of a float32 FMA per instruction).
 import functools
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -34,29 +35,47 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import config_flags
 
 from research import bench_stream
 from research import costs
 from research import experiment
 from research import input_pipeline
+from research import main as main_lib
 from research import malloc
 from research import parallel
 from research import steps
 
-config_flags.DEFINE_config_file("config", None, "Config to benchmark.",
-                                lock_config=False)
+# --config: research.main's flag (one parser, one-line errors, exit status 2).
 flags.DEFINE_list("batch_sizes", ["4", "128", "512"], "Global batch sizes.")
 flags.DEFINE_list("num_devices", ["0"], "Device counts to compare (0: all).")
 flags.DEFINE_list("rnn_sizes", [], "For text models: LAYERSxHIDDEN sizes, e.g. "
                   "1x256,2x512 (default: the config's).")
-flags.DEFINE_integer("steps", 20, "Steps per timing.")
-flags.DEFINE_integer("repeats", 3, "Timings per number (the median is kept).")
+flags.DEFINE_integer("steps", 20, "Steps per timing.", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "Timings per number (the median is kept).",
+                     lower_bound=1)
 flags.DEFINE_string("output", "bench.json", "Where the JSON records go.")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch model.")
 flags.DEFINE_list("inputs", ["memory"], "Input paths to time: memory, stream.")
 flags.DEFINE_string("torch_python", None, "Interpreter with torch installed.")
 FLAGS = flags.FLAGS
+INPUTS = ("memory", "stream")
+
+
+def _ints(values: list[str], low: int) -> bool:
+    return bool(values) and all(
+        v.strip().isdigit() and int(v) >= low for v in values)
+
+
+flags.register_validator("batch_sizes", lambda v: _ints(v, 1),
+                         "must be positive integers, e.g. 4,128,512")
+flags.register_validator("num_devices", lambda v: _ints(v, 0),
+                         "must be device counts (0: all), e.g. 1,8")
+flags.register_validator("inputs", lambda v: bool(v) and set(v) <= set(INPUTS),
+                         f"must be some of {','.join(INPUTS)}")
+flags.register_validator(
+    "rnn_sizes", lambda v: all(re.fullmatch(r"[1-9]\d*x[1-9]\d*", s.lower())
+                               for s in v),
+    "must be LAYERSxHIDDEN sizes, e.g. 1x256,2x512")
 
 
 def matmul_peak_flops(n: int = 2048) -> float:
@@ -236,4 +255,5 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(lambda argv: main_lib.guarded(main, argv),
+            flags_parser=main_lib.parse_flags)

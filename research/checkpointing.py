@@ -9,6 +9,7 @@ vocabulary, the number of classes).
 """
 import os
 import shutil
+import time
 from typing import Any
 
 from absl import logging
@@ -90,8 +91,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract: dict[str, PyTree]
         f"None of the {len(steps)} checkpoints in {manager.directory} could be "
         f"restored (newest, step {step}: {_root_cause(error)}). If the config "
         "changed the model or optimizer, use the config the run was trained with "
-        "(config.json in the workdir) or a new --workdir; if the files are damaged, "
-        "move the checkpoints folder away to start again. Nothing was changed.")
+        "(config.json in the workdir); if the files are damaged, start again in a "
+        "new --workdir (this one is left as it is for inspection). Nothing was "
+        "changed.")
 
 
 def restore_model(workdir: str, abstract_model: PyTree, step: int | None = None
@@ -106,29 +108,44 @@ def restore_model(workdir: str, abstract_model: PyTree, step: int | None = None
         raise errors.UserError(
             f"No checkpoints in {directory}: train first with --mode=train and "
             "the same --workdir.")
-    manager = create_manager(workdir, read_only=True)
-    steps = manager.all_steps()
-    if step is None:
-        step = manager.latest_step()
-    if step is None or step not in steps:
-        raise errors.UserError(
-            f"No checkpoint for step {step} in {directory}; saved steps: "
-            f"{sorted(steps)}.")
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(abstract_model),
-            dataset=ocp.args.JsonRestore()))
-    except Exception as e:  # pylint: disable=broad-except
-        logging.info("Checkpoint %s could not be restored: %s",
-                     _step_dir(manager, step), e)
-        raise errors.UserError(
-            f"Checkpoint {_step_dir(manager, step)} could not be restored "
-            f"({_root_cause(e)}). If the config describes another model, use the "
-            "one the run saved (--workdir alone); or pick another checkpoint with "
-            f"--step (saved: {sorted(steps)}).") from None
-    finally:
-        manager.close()
-    return restored.model, restored.dataset, step
+    latest = step is None
+    for attempt in range(_READ_ATTEMPTS):
+        manager = create_manager(workdir, read_only=True)
+        try:
+            steps = manager.all_steps()
+            if latest:
+                step = manager.latest_step()
+            if step is None or step not in steps:
+                raise errors.UserError(
+                    f"No checkpoint for step {step} in {directory}; saved steps: "
+                    f"{sorted(steps)}.")
+            restored = manager.restore(step, args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(abstract_model),
+                dataset=ocp.args.JsonRestore()))
+            return restored.model, restored.dataset, step
+        except errors.UserError:
+            raise
+        except Exception as e:  # pylint: disable=broad-except
+            logging.info("Checkpoint %s could not be restored: %s",
+                         _step_dir(manager, step), e)
+            # A run training in this workdir may have replaced the latest
+            # checkpoint while it was read: then read the new latest one.
+            if latest and attempt + 1 < _READ_ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))
+                if saved_steps(workdir) != sorted(steps):
+                    continue
+            raise errors.UserError(
+                f"Checkpoint {_step_dir(manager, step)} could not be restored "
+                f"({_root_cause(e)}). If the config describes another model, use "
+                "the one the run saved (--workdir alone); or pick another "
+                f"checkpoint with --step (saved: {sorted(steps)}).") from None
+        finally:
+            manager.close()
+    raise AssertionError("unreachable")
+
+
+# Reads of the latest checkpoint while a run may be replacing it.
+_READ_ATTEMPTS = 5
 
 
 def saved_steps(workdir: str) -> list[int]:

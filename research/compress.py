@@ -37,6 +37,7 @@ from research import parallel
 from research import steps
 from research import train
 from research import writers
+from research.compression import distill
 from research.compression import prune
 from research.compression import quantize
 
@@ -76,6 +77,9 @@ def check(config: ml_collections.ConfigDict) -> None:
             raise errors.UserError(
                 f"config.fine_tune.{role} needs lr_scale > 0, epochs >= 1 and "
                 f"prune_update_every >= 1; got {options.to_dict()}.")
+    if "distill" in config.stages:
+        distill.check_options(config.distill.temperature, config.distill.alpha,
+                              "config.distill.")
     for name in config.prune.models:
         if name not in ("teacher", "student"):
             raise errors.UserError(f"config.prune.models has {name!r}; choose from "
@@ -99,8 +103,10 @@ def _run_config(config: ml_collections.ConfigDict, role: str,
 class Pipeline:
     """The stages of one compression config in `workdir`."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+                 allow_config_change: bool = False):
         self.config, self.workdir = config, workdir
+        self.allow_config_change = allow_config_change
         self.rows: list[Row] = []
 
     def path(self, name: str) -> str:
@@ -111,7 +117,8 @@ class Pipeline:
         """Trains (or resumes, or only evaluates) one run; returns its config."""
         run_config = _run_config(self.config, role, extra)
         logging.info("Stage %s: %s", name, self.path(name))
-        train.train_and_evaluate(run_config, self.path(name))
+        train.train_and_evaluate(run_config, self.path(name),
+                                 allow_config_change=self.allow_config_change)
         return run_config
 
     def float_row(self, name: str, model: str, stage: str,
@@ -216,11 +223,13 @@ def _zipped_size(path: str) -> int:
     return size
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> list[Row]:
-    """Runs the config's stages in order; writes and returns the table."""
+def run(config: ml_collections.ConfigDict, workdir: str,
+        allow_config_change: bool = False) -> list[Row]:
+    """Runs the config's stages in order; writes and returns the table.
+    `allow_config_change` lets every stage resume with a changed config."""
     check(config)
     os.makedirs(workdir, exist_ok=True)
-    p = Pipeline(config, workdir)
+    p = Pipeline(config, workdir, allow_config_change)
     stages = set(config.stages)
     configs = {}
     if stages & {"teacher", "distill", "prune", "ptq", "qat", "prune_ptq"}:
@@ -341,7 +350,7 @@ def write_results(rows: list[Row], workdir: str) -> None:
 def _main(argv: list[str]) -> None:
     """`--config` is a compression config here; `--workdir` holds the stages."""
     workdir = main_lib.pipeline_workdir(argv, "configs/compress_cifar.py")
-    rows = run(flags.FLAGS.config, workdir)
+    rows = run(flags.FLAGS.config, workdir, flags.FLAGS.allow_config_change)
     for r in rows:
         writers.report(f"{r.name}: {100 * r.accuracy:.2f}%, {r.nonzeros:,} non-zeros, "
                        f"{r.bytes:,} bytes")

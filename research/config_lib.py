@@ -16,6 +16,16 @@ import ml_collections
 from research import errors
 
 CONFIG_JSON = "config.json"
+# The fields every run's config has (each config in configs/ has them all).
+CORE_FIELDS = (
+    "batch_size", "checkpoint_every_steps", "data_dir", "data_parallel", "dataset",
+    "download", "ema_decay", "end_learning_rate", "eval_batch_size", "eval_split",
+    "grad_accum_steps", "grad_clip_norm", "init_from", "input", "keep_checkpoints",
+    "learning_rate", "log_every_steps", "lookahead", "lr_schedule", "model",
+    "model_kwargs", "momentum", "nesterov", "num_devices", "num_epochs",
+    "objective", "objective_kwargs", "optimizer", "param_groups", "prune", "quant",
+    "seed", "steps_per_call", "stream", "train_split", "warmup_fraction",
+    "warmup_start_factor", "warmup_steps", "weight_decay")
 MAX_STEPS_PER_CALL = 64
 
 
@@ -74,10 +84,27 @@ def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
         raise errors.UserError(f"Config field {key!r}: {e}") from None
 
 
+# Free-form sections: the keyword arguments of the chosen model or objective,
+# whose fields a config file cannot know in advance.
+KWARGS_SECTIONS = ("model_kwargs", "objective_kwargs")
+
+
 def override_from_text(config: ml_collections.ConfigDict, key: str, text: str
                        ) -> None:
-    """Sets a dotted key from command-line text, parsed as the field's type."""
+    """Sets a dotted key from command-line text, parsed as the field's type.
+    A new key in a kwargs section (`objective_kwargs.teacher_workdir`) is
+    added, its value read as a Python literal, else as a string."""
     *parents, leaf = key.split(".")
+    if (len(parents) == 1 and parents[0] in KWARGS_SECTIONS
+            and isinstance(config.get(parents[0]), ml_collections.ConfigDict)
+            and leaf not in config[parents[0]]):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        with config[parents[0]].unlocked():
+            config[parents[0]][leaf] = value
+        return
     node = config
     for name in parents:
         node = node[name] if name in node else None
@@ -110,6 +137,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from research import diloco, state, streaming  # noqa: E402
     from research.compression import prune  # noqa: E402
 
+    missing = [f for f in CORE_FIELDS if f not in config]
+    if missing:
+        raise errors.UserError(
+            f"The config lacks the field{'s' * (len(missing) > 1)} "
+            f"{', '.join(missing)}, which every run needs; start the config file "
+            "from one in configs/ (e.g. call configs/cifar_cnn.py's get_config() "
+            "and change what differs).")
     _check_choice("model", config.model, models.MODELS)
     _check_choice("dataset", config.dataset, input_pipeline.DATASETS)
     _check_choice("optimizer", config.optimizer, optimizers.OPTIMIZERS)

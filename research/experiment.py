@@ -284,7 +284,12 @@ def build(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     objective = objectives.create_objective(config, dataset.default_objective)
     model = models.create_model(config.model, **config.model_kwargs)
     if config.quant.qat:
+        impl_fields = [f.name for f in dataclasses.fields(model)
+                       if f.name.endswith("_impl")]
         model = quantize.create_qat_model(model)
+        quantize.check_traceable(
+            model, jnp.zeros(input_shape(config, dataset), dataset.input_dtype),
+            name=config.model, impl_fields=impl_fields)
     mesh = mesh or parallel.create_mesh(config.num_devices, diloco.replicas(config))
     parallel.check_divisible("batch_size", config.batch_size, mesh,
                              config.grad_accum_steps)
@@ -296,8 +301,6 @@ def build(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
                                        jnp.zeros(shape, dataset.input_dtype),
                                        train=False)[0])
     objective.check(outputs.shape, info)
-    if config.quant.qat:
-        quantize.check_traceable(model, jnp.zeros(shape, dataset.input_dtype))
     return Experiment(config, dataset, info, objective, model, mesh)
 
 

@@ -99,7 +99,7 @@ class Preemption:
         if threading.current_thread() is not threading.main_thread():
             return self  # signals are the main thread's: leave them alone
         for sig in signals:
-            if not callable(signal.getsignal(sig)):  # C code may have one
+            if self._multi and not callable(signal.getsignal(sig)):  # JAX's
                 self._native[sig] = _NativeHandler.read(sig)
             self._previous[sig] = signal.signal(sig, self._handle)
         self._pipe = socket.socketpair()

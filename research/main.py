@@ -9,10 +9,12 @@ text); stderr carries warnings and errors, one line each. The full log is
 in `<workdir>/train.log`; `--verbosity=0` (or higher) also prints it, with
 tracebacks, on stderr.
 """
+import errno
 import logging as std_logging
 import os
 import re
 import sys
+import threading
 import warnings
 
 from absl import app
@@ -207,13 +209,38 @@ def log_to_file(workdir: str) -> None:
     name = LOG_FILE if jax.process_index() == 0 else f"train.{jax.process_index()}.log"
     try:
         os.makedirs(workdir, exist_ok=True)
-        file_handler = std_logging.FileHandler(os.path.join(workdir, name))
+        file_handler = _LogFile(os.path.join(workdir, name))
     except OSError:
         return  # the trainer reports an unusable workdir itself
     file_handler.setLevel(std_logging.INFO)
     file_handler.setFormatter(logging.PythonFormatter())
     file_handler.addFilter(_QuietLibraries(std_logging.WARNING))
     std_logging.getLogger().addHandler(file_handler)
+
+
+class _LogFile(std_logging.FileHandler):
+    """The workdir's log file. When a write fails (a full disk), the file is
+    dropped with one line on stderr, not a traceback for every record."""
+
+    failed = False
+
+    def emit(self, record: std_logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: std_logging.LogRecord) -> None:
+        del record
+        with _LOG_FILE_FAILED:  # writer threads (Orbax's) may fail at once
+            if self.failed:
+                return
+            self.failed = True
+        std_logging.getLogger().removeHandler(self)
+        error = sys.exc_info()[1]
+        print(f"warning: stopped writing {self.baseFilename}: "
+              f"{type(error).__name__}: {error}", file=sys.stderr)
+
+
+_LOG_FILE_FAILED = threading.Lock()
 
 
 def _fail(message: str, code: int) -> None:
@@ -223,18 +250,22 @@ def _fail(message: str, code: int) -> None:
 
 
 def _os_error(error: BaseException) -> tuple[int, str] | None:
-    """(errno, what) of the operating-system error behind `error`, if any:
-    an OSError in the chain, or TensorStore's `[os_error_code='N']` (Orbax
-    writes checkpoints through it)."""
+    """(errno, which file) of the operating-system error behind `error`, if
+    any: an OSError in the chain, or TensorStore's `[os_error_code='N']`
+    (Orbax writes checkpoints through it). The file may be ""."""
     while error is not None:
         if isinstance(error, OSError) and error.errno is not None:
-            return error.errno, error.filename or str(error)
+            return error.errno, error.filename or ""
         found = re.search(r"os_error_code='(\d+)'", str(error))
         if found:
             path = re.search(r'local file "([^"]+)"', str(error))
-            return int(found.group(1)), path.group(1) if path else type(error).__name__
+            return int(found.group(1)), path.group(1) if path else ""
         error = error.__cause__ or error.__context__
     return None
+
+
+# Disk full, quota exceeded, file too large.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def main(argv: list[str]) -> None:
@@ -261,8 +292,13 @@ def guarded(fn, argv: list[str]) -> None:
         os_error = _os_error(e)
         if os_error is not None:
             code, where = os_error
-            _fail(f"{os.strerror(code)} while writing {where}; free space (or raise "
-                  "the limit), then rerun to resume from the last checkpoint.", 1)
+            if code in _NO_SPACE:
+                _fail(f"{os.strerror(code)} while writing {where or 'the workdir'}; "
+                      "free space (or raise the limit), then rerun to resume from "
+                      "the last checkpoint.", 1)
+            _fail(f"{os.strerror(code)}{': ' + where if where else ''} (the "
+                  "traceback is in the workdir's train.log; rerun with "
+                  "--verbosity=0 to print it)", 1)
         _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               "(the traceback is in the workdir's train.log; rerun with "
               "--verbosity=0 to print it)", 1)
@@ -272,12 +308,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's parser with one-line errors (status 2) for bad flags, unknown
     or ill-typed config fields, missing config files and unknown presets."""
     argv = list(argv)
+    # New keys of the kwargs sections: absl's locked config would refuse them.
+    kwargs = [a for a in argv if a.startswith(tuple(
+        f"--config.{s}." for s in config_lib.KWARGS_SECTIONS))]
     if not any(a.startswith("--config=") for a in argv):
         # Overrides of the config a workdir saved (--mode=eval/sample).
         for arg in [a for a in argv if a.startswith("--config.")]:
             key, _, value = arg[len("--config."):].partition("=")
             _workdir_overrides.append((key, value))
             argv.remove(arg)
+        kwargs = []
+    for arg in kwargs:
+        argv.remove(arg)
+    saved_argv, sys.argv = sys.argv, argv  # config_flags reads sys.argv itself
     try:
         rest = FLAGS(argv)
         spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
@@ -286,6 +329,9 @@ def parse_flags(argv: list[str]) -> list[str]:
             raise errors.UserError(f"Config file {spec.partition(':')[0]!r} does "
                                    "not exist.")
         _ = FLAGS.config  # loads the file: errors surface here, not mid-run
+        for arg in kwargs:
+            key, _, value = arg[len("--config."):].partition("=")
+            config_lib.override_from_text(FLAGS.config, key, value)
     except flags.Error as e:
         print(f"error: {_flag_message(e)}", file=sys.stderr)
         sys.exit(2)
@@ -294,9 +340,14 @@ def parse_flags(argv: list[str]) -> list[str]:
             "\\'", "'").replace('\\"', '"').split())
         print(f"error: unknown config field: {message}", file=sys.stderr)
         sys.exit(2)
+    except errors.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except Exception as e:  # pylint: disable=broad-except  (config files)
         print(f"error: bad --config: {_first_line(e)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        sys.argv = saved_argv
     return rest
 
 

@@ -146,5 +146,11 @@ def create_objective(config: ml_collections.ConfigDict, default: str) -> Objecti
     try:
         return OBJECTIVES[name](**config.objective_kwargs)
     except (TypeError, ValueError) as e:
-        raise errors.UserError(
-            f"Bad config.objective_kwargs for objective {name!r}: {e}") from None
+        cls = OBJECTIVES[name]
+        fields = [f.name for f in dataclasses.fields(cls) if f.init
+                  and f.name != "metrics_cls"] if dataclasses.is_dataclass(cls) else []
+        takes = (f"; it takes {', '.join(fields)}: pass them as "
+                 "--config.objective_kwargs=\"{...}\" (a dict replaces the "
+                 "config's)") if fields else ""
+        message = f"Bad config.objective_kwargs for objective {name!r}: {e}{takes}."
+        raise errors.UserError(message) from None

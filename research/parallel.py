@@ -8,6 +8,7 @@ devices; a batch is split over both axes.
 """
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -47,10 +48,16 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
         # unreachable; probe it first so that this case gets a plain message.
         _wait_for_coordinator(coordinator_address, timeout_s)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # A job that never forms (a process that never starts, a wrong host, some
+    # other server at the address) makes JAX abort the process from C++ with
+    # a stack trace when its deadline passes; end it first, with one line.
+    formed = threading.Event()
+    threading.Thread(target=_end_unless_formed, daemon=True, args=(
+        formed, timeout_s, coordinator_address, process_id, num_processes)).start()
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address, num_processes=num_processes,
-            process_id=process_id, initialization_timeout=timeout_s)
+            process_id=process_id, initialization_timeout=timeout_s + 60)
     except Exception as e:  # pylint: disable=broad-except
         raise errors.UserError(
             f"Could not join the distributed job (coordinator {coordinator_address}, "
@@ -58,9 +65,24 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Check "
             "that process 0 runs, that the address and port are reachable from "
             "here, and that every process got the same --num_processes.") from None
+    finally:
+        formed.set()
     logging.info("Process %d of %d; %d local and %d global devices.",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
+
+
+def _end_unless_formed(formed: threading.Event, timeout_s: int, address: str | None,
+                       process_id: int | None, num_processes: int | None) -> None:
+    if formed.wait(timeout_s):
+        return
+    os.write(2, (
+        f"error: The distributed job did not form within {timeout_s}s (coordinator "
+        f"{address}, process {process_id} of {num_processes}): start every process "
+        "with the same --coordinator_address (process 0's host:port, with no other "
+        "server on it) and --num_processes, or raise --distributed_timeout_s.\n"
+    ).encode())
+    os._exit(2)  # pylint: disable=protected-access
 
 
 def _wait_for_coordinator(address: str, timeout_s: int) -> None:
@@ -87,7 +109,8 @@ def create_mesh(num_devices: int = 0, replicas: int = 0) -> jax.sharding.Mesh:
     n = num_devices or available
     if n > available:
         raise errors.UserError(
-            f"config.num_devices={num_devices} but only {available} devices exist.")
+            f"config.num_devices={num_devices} but only {available} devices exist; "
+            "pass --config.num_devices=0 to use all of them.")
     if jax.process_count() > 1 and n != available:
         raise errors.UserError("config.num_devices must be 0 (all devices) in a "
                                "multi-process job.")
@@ -95,9 +118,12 @@ def create_mesh(num_devices: int = 0, replicas: int = 0) -> jax.sharding.Mesh:
     # cross-entropy under jit.
     if replicas:
         if n % replicas:
+            divisors = [str(d) for d in range(1, n + 1) if n % d == 0]
             raise errors.UserError(
                 f"config.data_parallel.replicas={replicas} does not divide the {n} "
-                "devices; pick a divisor (each replica is a group of devices).")
+                f"devices (each replica is a group of devices): pick one of "
+                f"{', '.join(divisors)}, or run on more devices (on a CPU: "
+                "XLA_FLAGS=--xla_force_host_platform_device_count=N).")
         return jax.make_mesh((replicas, n // replicas), (REPLICA_AXIS, DATA_AXIS),
                              axis_types=(jax.sharding.AxisType.Auto,) * 2,
                              devices=jax.devices()[:n])

@@ -309,6 +309,11 @@ def open_split(stream_dir: str, name: str, version: str, split: str,
             f"{path} is format {meta.get('format')} v{meta.get('format_version')}, "
             f"this code reads {FORMAT} v{FORMAT_VERSION}; convert again with "
             f"`{fix}`.")
+    if (meta.get("dataset"), meta.get("split")) != (name, split):
+        raise errors.UserError(
+            f"{path} describes {meta.get('dataset')}[{meta.get('split')}], not "
+            f"{name}[{split}] (renamed or copied files?); convert again with "
+            f"`{fix}`.")
     if meta["features"] != _feature_json(features):
         raise errors.UserError(
             f"{path} holds features {meta['features']}, but the dataset's rows are "
@@ -319,7 +324,24 @@ def open_split(stream_dir: str, name: str, version: str, split: str,
             raise errors.UserError(
                 f"{shard_path} is missing (the conversion did not finish or files "
                 f"were moved); convert again with `{fix}`.")
+        _check_shard(shard_path, shard["num_records"], fix)
     return SplitReader(folder, meta, features)
+
+
+def _check_shard(path: str, num_records: int, fix: str) -> None:
+    """Raises UserError unless the file opens and holds `num_records`
+    records (a truncated or damaged file fails here, not mid-run)."""
+    try:
+        reader = _array_record().ArrayRecordReader(path)
+        found = reader.num_records()
+        reader.close()
+    except Exception as e:  # pylint: disable=broad-except  (C++ errors)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    else:
+        if found == num_records:
+            return
+        why = f"{found} records where the conversion wrote {num_records}"
+    raise errors.UserError(f"{path} is damaged ({why}); convert again with `{fix}`.")
 
 
 def write_split(stream_dir: str, name: str, version: str, split: str,

@@ -46,8 +46,10 @@ def _last(records: list[dict[str, Any]], key: str) -> float | None:
     return values[-1] if values else None
 
 
-def run(sweep: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
-    """Trains (or resumes, or evaluates) every variant; returns the rows."""
+def run(sweep: ml_collections.ConfigDict, workdir: str,
+        allow_config_change: bool = False) -> list[dict[str, Any]]:
+    """Trains (or resumes, or evaluates) every variant; returns the rows.
+    `allow_config_change` lets every variant resume with a changed config."""
     # `order`: names to run, in the table's order (ConfigDict sorts keys).
     names = list(sweep.order) if sweep.get("order") else sorted(sweep.variants)
     configs = {name: variant_config(sweep, name) for name in names}  # checked first
@@ -56,7 +58,8 @@ def run(sweep: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
         run_dir = os.path.join(workdir, name)
         logging.info("Variant %s: %s", name, run_dir)
         start = time.perf_counter()
-        result = train.train_and_evaluate(configs[name], run_dir)
+        result = train.train_and_evaluate(configs[name], run_dir,
+                                          allow_config_change=allow_config_change)
         records = writers.read_metrics(run_dir)
         rows.append({
             "name": name, "step": result["step"],
@@ -90,7 +93,7 @@ def write_results(rows: list[dict[str, Any]], workdir: str) -> None:
 def _main(argv: list[str]) -> None:
     """`--config` is a sweep config here; `--workdir` holds the variants."""
     workdir = main_lib.pipeline_workdir(argv, "configs/diloco_cifar.py")
-    run(flags.FLAGS.config, workdir)
+    run(flags.FLAGS.config, workdir, flags.FLAGS.allow_config_change)
     writers.report(f"table: {os.path.join(workdir, RESULTS + '.md')}")
 
 

@@ -221,6 +221,7 @@ class Trainer:
                     raise Interrupted(preemption.signum, self.step)
                 self.fold()
                 loop.run_due(self.step, actions)
+        self.manager.wait_until_finished()  # on disk before it is reported
         writers.report(f"trained to step {self.step} in "
                        f"{time.perf_counter() - self.clock['start']:.1f}s; checkpoint "
                        f"{self.workdir}/checkpoints/{self.step}")

@@ -141,8 +141,27 @@ def create_writer(workdir: str, resume_step: int = 0) -> Writers:
     """
     if jax.process_index() > 0:
         return Writers([])
+    if resume_step == 0:
+        _set_aside_earlier_metrics(workdir)
     return Writers([TensorBoardWriter(workdir),
                     JsonlWriter(os.path.join(workdir, METRICS_JSONL), resume_step)])
+
+
+def _set_aside_earlier_metrics(workdir: str) -> None:
+    """A run starting from step 0 in a workdir with metrics of an earlier
+    start (one that died before its first checkpoint, or whose checkpoints
+    and config.json were deleted): those go to `earlier/<time>/`, so that
+    TensorBoard does not overlay two runs and nothing is lost."""
+    names = [n for n in os.listdir(workdir)
+             if n == METRICS_JSONL or n.startswith("events.out.tfevents.")]
+    if not names:
+        return
+    target = os.path.join(workdir, "earlier", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(target, exist_ok=True)
+    for name in names:
+        os.replace(os.path.join(workdir, name), os.path.join(target, name))
+    logging.warning("Starting from step 0: moved the metrics of an earlier start "
+                    "(%s) to %s.", ", ".join(sorted(names)), target)
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:

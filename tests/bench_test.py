@@ -1,5 +1,5 @@
 """`python -m research.bench` end to end on tiny settings (a subprocess:
-its flags clash with research.main's), for an image and a text model."""
+its own process), for an image and a text model; its bad flags."""
 import json
 import os
 import subprocess
@@ -29,3 +29,20 @@ def test_benchmark_reports_every_number(tmp_path, config, batch, extra):
     for key in ("train_per_sec", "eval_per_sec", "step_ms", "mfu"):
         assert records[0][key] > 0, records
     assert "jax/torch" in proc.stdout
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--batch_sizes=0", "--batch_sizes=['0']: must be positive integers"),
+    ("--batch_sizes=-4", "must be positive integers"),
+    ("--batch_sizes=abc", "must be positive integers"),
+    ("--batch_sizes=", "must be positive integers"),
+    ("--inputs=foo", "--inputs=['foo']: must be some of memory,stream"),
+    ("--rnn_sizes=2by3", "must be LAYERSxHIDDEN sizes"),
+])
+def test_bad_flags_are_one_line_errors(flag, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "research.bench", "--config=configs/cifar_cnn.py:smoke",
+         flag, "--notorch"], cwd=conftest.REPO, capture_output=True, text=True,
+        timeout=120, env={**os.environ, "PYTHONPATH": conftest.REPO})
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout

@@ -129,6 +129,7 @@ def test_bad_sparsity_in_a_training_config_fails_before_compute():
         config_lib.validate(train_test.tiny_config(**{"prune.sparsity": 1.5}))
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_writes_the_table(tmp_path):
     """Every stage on mocked CIFAR-10 (48 examples): the rows and both files."""
     config = config_lib.load_config(

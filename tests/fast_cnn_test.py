@@ -254,6 +254,7 @@ def test_smoke_preset_resumes_bitwise_with_statistics_and_lookahead(tmp_path):
     assert 0.0 <= result["eval/accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_test_time_augmentation_is_at_least_as_good_on_a_trained_model(tmp_path):
     """On the real CIFAR-10 (when present): a few hundred steps of the smoke
     network, then the test split with and without flip + translate views.

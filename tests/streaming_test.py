@@ -140,6 +140,9 @@ def test_stream_resumes_bitwise_and_auto_picks_by_size(tiny, in_memory, tmp_path
                       r" .*\(converted: train\); run `python -m research.convert"),
     ("old_format", r"format research-rows v0, this code reads research-rows v1"),
     ("file_missing", r"array_record-00001-of-00003 is missing .*convert again"),
+    ("file_truncated", r"array_record-00001-of-00003 is damaged .*convert again"),
+    ("other_split", r"train.json describes research_tiny_images\[test\], not "
+                    r"research_tiny_images\[train\].*convert again"),
     ("other_features", r"holds features .* but the dataset's rows are"),
     ("added_splits", r"adds splits, which TFDS reads interleaved"),
     ("text", r"dataset 'tiny_shakespeare' has no streaming rows"),
@@ -160,6 +163,13 @@ def test_bad_streaming_input_fails_fast_with_the_fix(tiny, tmp_path, case, messa
         os.rename(folder, os.path.join(os.path.dirname(folder), "0.9.0"))
     elif case == "split_missing":
         os.remove(os.path.join(folder, "test.json"))
+    elif case == "file_truncated":
+        path = os.path.join(folder, "train.array_record-00001-of-00003")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif case == "other_split":
+        shutil.copy(os.path.join(folder, "test.json"),
+                    os.path.join(folder, "train.json"))
     elif case in ("old_format", "other_features"):
         path = os.path.join(folder, "train.json")
         with open(path) as f:

@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -216,8 +217,50 @@ def _cases(trained, trained_text, tmp_path):
     """(name, argv, expected status, a phrase of the error)."""
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
+    partial = tmp_path / "partial.py"
+    partial.write_text("import ml_collections\n\ndef get_config():\n"
+                       "    return ml_collections.ConfigDict({'dataset': 'cifar10'})\n")
     text_config = os.path.join(conftest.CONFIGS, "shakespeare_rnn.py:smoke")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     return [
+        ("teacher missing", [f"--config={SMOKE}", *MOCK, f"--workdir={tmp_path / 'w5'}",
+                             "--config.objective=distill",
+                             "--config.objective_kwargs={'teacher_workdir': '/no/t'}"],
+         2, "objective_kwargs.teacher_workdir='/no/t' holds no trained run"),
+        ("teacher by a dotted override", [
+            f"--config={SMOKE}", *MOCK, f"--workdir={tmp_path / 'w5'}",
+            "--config.objective=distill",
+            "--config.objective_kwargs.teacher_workdir=/no/t"], 2,
+         "it takes teacher_workdir, temperature, alpha"),
+        ("QAT on the LSTM", [f"--config={text_config}", "--config.quant.qat=True",
+                             "--config.model_kwargs.lstm_impl=xla",
+                             "--config.data_dir=/nonexistent/tfds",
+                             f"--workdir={tmp_path / 'w6'}"], 2,
+         "Quantization does not support char_rnn"),
+        ("config without core fields", [f"--config={partial}",
+                                        f"--workdir={tmp_path / 'w7'}"], 2,
+         "lacks the fields batch_size, checkpoint_every_steps"),
+        ("batch size changed on resume", [
+            f"--config={SMOKE}", *MOCK, f"--workdir={trained}", "--allow_config_change",
+            "--config.batch_size=2"], 2,
+         f"cannot change when resuming the run in '{trained}'"),
+        ("sync to DiLoCo on resume", [
+            f"--config={SMOKE}", *MOCK, f"--workdir={trained}", "--allow_config_change",
+            "--config.data_parallel.scheme=diloco"], 2,
+         "data_parallel.scheme cannot change when resuming"),
+        ("eval on more devices than exist", [
+            "--mode=eval", f"--workdir={trained}", "--config.num_devices=8"], 2,
+         "pass --config.num_devices=0"),
+        ("a job that never forms", [
+            f"--config={SMOKE}", *MOCK, f"--workdir={tmp_path / 'w8'}",
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+            "--process_id=0", "--distributed_timeout_s=3"], 2,
+         "did not form within 3s"),
+        ("log file and checkpoints cannot be written", [
+            f"--config={SMOKE}", *MOCK, f"--workdir={tmp_path / 'w9'}"], 1,
+         "File too large while writing"),
         ("missing config", ["--config=configs/nope.py", "--workdir=/tmp/x"], 2,
          "does not exist"),
         ("unknown preset", [f"--config={conftest.CONFIGS}/cifar_cnn.py:huge"], 2,
@@ -242,7 +285,8 @@ def _cases(trained, trained_text, tmp_path):
          "could be restored"),
         ("corrupt checkpoints", [f"--config={SMOKE}", *MOCK,
                                  f"--workdir={_corrupted(trained, tmp_path)}",
-                                 "--config.num_epochs=3"], 2, "could be restored"),
+                                 "--config.num_epochs=3"], 2,
+         "start again in a new --workdir"),
         ("non-finite loss", [f"--config={SMOKE}", *MOCK,
                              f"--workdir={tmp_path / 'w3'}",
                              "--config.learning_rate=1e6"], 1,
@@ -263,9 +307,12 @@ def test_foreseeable_errors_are_one_line(trained, trained_text, tmp_path):
     """Each case exits with status 2 (usage) or 1 (runtime) and at most 3
     lines on stderr, without a traceback."""
     for name, argv, status, phrase in _cases(trained, trained_text, tmp_path):
-        limit = 100 if name.startswith("disk full") else None
-        code, _, stderr = _run(*argv, limit_file_kb=limit)
+        limit = {"disk full (file size limit)": 100,
+                 "log file and checkpoints cannot be written": 8}.get(name)
+        code, stdout, stderr = _run(*argv, limit_file_kb=limit)
         lines = stderr.strip().splitlines()
+        # A checkpoint is reported only once it is on disk.
+        assert code == 0 or "trained to step" not in stdout, (name, stdout)
         assert code == status and phrase in stderr and len(lines) <= 3, (
             name, code, stderr[-3000:])
         assert "Traceback" not in stderr, (name, stderr[-3000:])
@@ -290,3 +337,119 @@ def test_training_prints_a_line_per_epoch_and_nothing_else(tmp_path):
     assert len(lines) + len(stderr.strip().splitlines()) <= 15, stderr
     with open(tmp_path / "quiet" / "train.log") as f:
         assert "Compiled the train and eval functions" in f.read()
+
+
+def test_longer_run_refused_where_the_schedule_depends_on_its_length(tmp_path):
+    """num_epochs is free for a constant rate (above); with a cosine decay a
+    longer run would restart the decay mid-course: refused, saying why."""
+    workdir = str(tmp_path / "cosine")
+    cosine = {"lr_schedule": "cosine", "end_learning_rate": 1e-5}
+    train_test.mocked(train.train_and_evaluate, train_test.tiny_config(**cosine),
+                      workdir, stop_after_step=4)
+    with pytest.raises(errors.UserError, match=r"num_epochs: 2 -> 4 \(the run's "
+                       r"length shapes its cosine learning rate.*allow_config_change"):
+        train_test.mocked(train.train_and_evaluate,
+                          train_test.tiny_config(num_epochs=4, **cosine), workdir)
+    result = train_test.mocked(train.train_and_evaluate,
+                               train_test.tiny_config(num_epochs=4, **cosine),
+                               workdir, allow_config_change=True)
+    assert result["step"] == 24
+
+
+def test_eval_beside_training_reads_the_checkpoint_that_replaced_its_own(
+        trained, tmp_path, monkeypatch):
+    """A run saving with keep_checkpoints=1 deletes the checkpoint an
+    evaluation is reading: the evaluation reads the new latest one."""
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    from research import evaluate  # pylint: disable=g-import-not-at-top
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained, workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    latest = max(train_test.saved_steps(workdir))
+    # What the trainer does meanwhile: a newer checkpoint, the read one gone.
+    newer = os.path.join(checkpoints, str(latest + 1))
+    restore = ocp.CheckpointManager.restore
+    calls = []
+
+    def racing_restore(self, step, *args, **kwargs):
+        calls.append(step)
+        if len(calls) == 1:
+            shutil.copytree(os.path.join(checkpoints, str(step)), newer)
+            shutil.rmtree(os.path.join(checkpoints, str(step)))
+            raise FileNotFoundError(2, "No such file or directory",
+                                    os.path.join(checkpoints, str(step)))
+        return restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", racing_restore)
+    result = evaluate.evaluate(config_lib.load_workdir_config(workdir), workdir)
+    assert calls == [latest, latest + 1] and result["step"] == latest + 1
+    # An explicit --step is not swapped for another one.
+    calls.clear()
+    with pytest.raises(errors.UserError, match="could not be restored"):
+        evaluate.evaluate(config_lib.load_workdir_config(workdir), workdir,
+                          latest + 1)
+
+
+def test_os_errors_say_what_they_are(tmp_path, capsys):
+    """Only a full disk (or a size limit) is reported as one."""
+    from research import main  # pylint: disable=g-import-not-at-top
+
+    def fail(error):
+        def fn(argv):
+            raise RuntimeError("restore failed") from error
+        with pytest.raises(SystemExit) as exited:
+            main.guarded(fn, [])
+        assert exited.value.code == 1
+        return capsys.readouterr().err.strip()
+
+    missing = fail(FileNotFoundError(2, "No such file or directory", "/w/ckpt/7"))
+    assert missing.startswith("error: No such file or directory: /w/ckpt/7 (")
+    assert "free space" not in missing
+    full = fail(OSError(28, "No space left on device", "/w/ckpt/8"))
+    assert "No space left on device while writing /w/ckpt/8; free space" in full
+
+
+def test_a_fresh_start_sets_earlier_metrics_aside(tmp_path):
+    """Checkpoints and config.json deleted, metrics left: the new run's
+    metrics do not overlay the old ones, which are kept."""
+    workdir = str(tmp_path / "run")
+    config = train_test.tiny_config()
+    train_test.mocked(train.train_and_evaluate, config, workdir)
+    old = writers.read_metrics(workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    os.remove(os.path.join(workdir, "config.json"))
+    train_test.mocked(train.train_and_evaluate, config, workdir, stop_after_step=4)
+    (earlier,) = os.listdir(os.path.join(workdir, "earlier"))
+    earlier = os.path.join(workdir, "earlier", earlier)
+    assert writers.read_metrics(earlier) == old
+    assert any(n.startswith("events.out.tfevents.") for n in os.listdir(earlier))
+    assert max(r["step"] for r in writers.read_metrics(workdir)) == 4
+    events = [n for n in os.listdir(workdir) if n.startswith("events.out.tfevents.")]
+    assert len(events) == 1
+
+
+def test_pipelines_pass_allow_config_change_and_check_every_stage_first(
+        tmp_path, monkeypatch):
+    from research import compress, sweep  # pylint: disable=g-import-not-at-top
+    seen = []
+
+    def fake_train(config, workdir, allow_config_change=False):
+        seen.append(allow_config_change)
+        raise errors.UserError("stop here")
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    sweep_config = config_lib.load_config(
+        os.path.join(conftest.CONFIGS, "diloco_cifar.py"))
+    compress_config = config_lib.load_config(
+        os.path.join(conftest.CONFIGS, "compress_cifar.py"))
+    for run in (lambda: sweep.run(sweep_config, str(tmp_path / "s"), True),
+                lambda: compress.run(compress_config, str(tmp_path / "c"), True)):
+        with pytest.raises(errors.UserError, match="stop here"):
+            run()
+    assert seen == [True, True]
+    # A bad distillation setting stops before the teacher trains.
+    with compress_config.unlocked():
+        compress_config.distill.temperature = 0.0
+    with pytest.raises(errors.UserError, match="config.distill.temperature must be"):
+        compress.run(compress_config, str(tmp_path / "c2"))
+    assert seen == [True, True]

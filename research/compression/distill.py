@@ -4,6 +4,7 @@ The teacher's logits are inputs here: the teacher's params stay a separate,
 frozen argument of the train step and never enter the student's optimizer.
 """
 import dataclasses
+import os
 from typing import Any
 
 import flax
@@ -38,6 +39,14 @@ def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array, *,
     return terms.sum(axis=-1)
 
 
+def check_options(temperature: float, alpha: float, where: str = "") -> None:
+    """Raises UserError unless temperature > 0 and alpha is in [0, 1]."""
+    if temperature <= 0:
+        raise errors.UserError(f"{where}temperature must be > 0; got {temperature}.")
+    if not 0.0 <= alpha <= 1.0:
+        raise errors.UserError(f"{where}alpha must be in [0, 1]; got {alpha}.")
+
+
 def distillation_losses(student_logits: jax.Array, teacher_logits: jax.Array,
                         labels: jax.Array, *, temperature: float, alpha: float
                         ) -> jax.Array:
@@ -59,10 +68,7 @@ def distillation_losses(student_logits: jax.Array, teacher_logits: jax.Array,
     Raises:
       UserError: temperature <= 0 or alpha outside [0, 1].
     """
-    if temperature <= 0:
-        raise errors.UserError(f"temperature must be > 0; got {temperature}.")
-    if not 0.0 <= alpha <= 1.0:
-        raise errors.UserError(f"alpha must be in [0, 1]; got {alpha}.")
+    check_options(temperature, alpha)
     ce = optax.softmax_cross_entropy_with_integer_labels(
         student_logits.astype(jnp.float32), labels)
     kl = kl_divergence(student_logits, teacher_logits, temperature=temperature)
@@ -123,9 +129,14 @@ class Distillation:
         if not self.teacher_workdir:
             raise errors.UserError("objective_kwargs.teacher_workdir is empty: name "
                                    "the workdir of a trained teacher.")
-        distillation_losses(jnp.zeros((1, 2)), jnp.zeros((1, 2)),
-                            jnp.zeros((1,), jnp.int32), temperature=self.temperature,
-                            alpha=self.alpha)  # checks T and alpha
+        check_options(self.temperature, self.alpha, "objective_kwargs.")
+        if not os.path.isfile(os.path.join(self.teacher_workdir,
+                                           config_lib.CONFIG_JSON)):
+            raise errors.UserError(
+                f"objective_kwargs.teacher_workdir={self.teacher_workdir!r} holds no "
+                f"trained run (no {config_lib.CONFIG_JSON}); train the teacher "
+                "there first, or set --config.objective_kwargs.teacher_workdir to "
+                "the workdir of a trained run.")
         config = config_lib.load_workdir_config(self.teacher_workdir)
         object.__setattr__(self, "teacher_config", config)
         object.__setattr__(self, "teacher_model",

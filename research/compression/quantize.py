@@ -93,17 +93,33 @@ def create_qat_model(model: nn.Module, *, module_path: str = ".*") -> nn.Module:
     return qwix.quantize_model(model, provider)
 
 
-def check_traceable(model: nn.Module, x: jax.Array) -> None:
-    """Raises UserError if `model` (under qwix) would leave ops float: qwix
-    intercepts XLA's conv and dot_general, not custom calls (the C++ CPU
-    kernels). Traces the model once, without running it."""
-    jaxpr = str(jax.make_jaxpr(lambda x: model.init_with_output(
-        jax.random.key(0), x, train=False)[0])(x))
-    if "ffi_call" in jaxpr:
+def check_traceable(model: nn.Module, x: jax.Array, *, name: str = "this model",
+                    impl_fields: Iterable[str] = ("conv_impl",)) -> None:
+    """Raises UserError if `model` (under qwix) cannot be quantized: qwix
+    fails to trace it, or it would leave ops float (qwix intercepts XLA's
+    conv and dot_general, not the custom calls of the C++ CPU kernels).
+    Traces the model once, without running it.
+
+    Args:
+      model: the model under qwix (`create_qat_model` or the PTQ observer).
+      x: an input of the right shape and dtype.
+      name: the model's registered name, for the message.
+      impl_fields: its kernel options (`model_kwargs.<field>`), for the message.
+    """
+    try:
+        jaxpr = str(jax.make_jaxpr(lambda x: model.init_with_output(
+            jax.random.key(0), x, train=False)[0])(x))
+    except (TypeError, NotImplementedError) as e:
         raise errors.UserError(
-            "Quantization needs the model's convolutions and matmuls in XLA, but "
-            "it calls a custom kernel; set its kernel option (e.g. "
-            "model_kwargs.conv_impl) to 'xla'.")
+            f"Quantization does not support {name}: qwix cannot trace it "
+            f"({type(e).__name__}: {str(e).splitlines()[0]}). Quantize one of "
+            "the CNNs (lenet, convnet, airbench).") from None
+    if "ffi_call" in jaxpr:
+        fields = " and ".join(f"model_kwargs.{f}" for f in impl_fields)
+        raise errors.UserError(
+            f"Quantization needs {name}'s convolutions and matmuls in XLA, but "
+            f"it calls a custom kernel; set {fields or 'its kernel option'} to "
+            "'xla'.")
 
 
 ACT_RANGES = ("max", "mean")
