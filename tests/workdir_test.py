@@ -381,13 +381,14 @@ def test_eval_beside_training_reads_the_checkpoint_that_replaced_its_own(
         return restore(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "restore", racing_restore)
-    result = evaluate.evaluate(config_lib.load_workdir_config(workdir), workdir)
+    result = train_test.mocked(evaluate.evaluate,
+                               config_lib.load_workdir_config(workdir), workdir)
     assert calls == [latest, latest + 1] and result["step"] == latest + 1
     # An explicit --step is not swapped for another one.
     calls.clear()
     with pytest.raises(errors.UserError, match="could not be restored"):
-        evaluate.evaluate(config_lib.load_workdir_config(workdir), workdir,
-                          latest + 1)
+        train_test.mocked(evaluate.evaluate, config_lib.load_workdir_config(workdir),
+                          workdir, latest + 1)
 
 
 def test_os_errors_say_what_they_are(tmp_path, capsys):
@@ -453,3 +454,26 @@ def test_pipelines_pass_allow_config_change_and_check_every_stage_first(
     with pytest.raises(errors.UserError, match="config.distill.temperature must be"):
         compress.run(compress_config, str(tmp_path / "c2"))
     assert seen == [True, True]
+
+
+def test_joining_another_server_ends_in_one_line(tmp_path):
+    """Process 1 pointed at an address where some other server listens."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)  # the kernel accepts; nothing ever answers
+        port = server.getsockname()[1]
+        start = time.time()
+        code, _, stderr = _run(f"--config={SMOKE}", *MOCK,
+                               f"--workdir={tmp_path / 'w'}",
+                               f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", "--process_id=1",
+                               "--distributed_timeout_s=3")
+    assert code == 2 and "did not form within 3s" in stderr, stderr[-2000:]
+    assert len(stderr.strip().splitlines()) == 1 and time.time() - start < 60
+
+
+def test_replicas_that_do_not_fit_name_the_choices():
+    from research import parallel  # pylint: disable=g-import-not-at-top
+    with pytest.raises(errors.UserError, match=r"replicas=4 does not divide the 1 "
+                       r"devices .*pick one of 1, or run on more devices"):
+        parallel.create_mesh(1, replicas=4)
