@@ -257,7 +257,8 @@ def _tiny_data(tmp_path):
     return data_dir
 
 
-@pytest.mark.parametrize("delayed", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("delayed", [False, True])
 def test_resume_between_syncs_after_sigkill_is_bitwise(tmp_path, delayed):
     """Killed after a checkpoint in the middle of a period (checkpoints every
     3 steps, syncs every 4), the rerun ends where an uninterrupted run does

@@ -222,6 +222,7 @@ def _tail(workdir):
         return f.read()[-3000:]
 
 
+@pytest.mark.slow
 def test_augmented_run_resumed_after_sigkill_is_bitwise_equal(toy, tmp_path):
     """Random flip and translation keyed by (seed, step, example): a run
     killed mid-way and resumed ends exactly where an uninterrupted run does."""
@@ -254,6 +255,7 @@ def test_augmented_run_resumed_after_sigkill_is_bitwise_equal(toy, tmp_path):
     train_test.assert_trees_equal(_params(workdir), _params(straight))
 
 
+@pytest.mark.slow
 def test_trains_and_evaluates_with_the_kernels_removed(tmp_path):
     """A copy of the repository without research/kernels/: LeNet and the
     LSTM fall back to XLA for training and evaluation."""

@@ -55,6 +55,7 @@ def kernel_manager(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(EXECUTED))
+@pytest.mark.slow
 def test_notebook_runs(name, kernel_manager, tmp_path, monkeypatch):
     """Executes every cell in order; a cell error fails with its traceback.
 

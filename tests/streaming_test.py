@@ -237,6 +237,7 @@ def _args(tiny, workdir, *more):
             f"--config.stream.dir={stream_dir}", *more]
 
 
+@pytest.mark.slow
 def test_sigkill_resumes_bitwise_through_the_stream(tiny, tmp_path):
     """kill -9 mid-run (reader threads and prefetch in flight); the rerun ends
     bitwise equal to an uninterrupted in-memory run."""

@@ -76,6 +76,7 @@ def _lock_holder(workdir):
         return f.read()
 
 
+@pytest.mark.slow
 def test_second_writer_stops_at_once_and_the_first_is_untouched(tmp_path):
     workdir = str(tmp_path / "shared")
     first = _spawn(workdir, *LONG)
@@ -112,6 +113,7 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
     assert _lock_holder(workdir) == ""
 
 
+@pytest.mark.slow
 def test_metrics_after_sigkill_and_resume_equal_an_uninterrupted_run(tmp_path):
     workdir = str(tmp_path / "killed")
     proc = _spawn(workdir, *LONG)
