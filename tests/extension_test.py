@@ -191,6 +191,7 @@ def test_toy_dataset_model_objective_train_through_main_and_resume(toy, tmp_path
     assert any(b"train/learning_rate" in e for e in events)
 
 
+@pytest.mark.slow
 def test_ema_extra_checkpoints_and_resumes_bitwise(toy, tmp_path):
     from research import config_lib, experiment  # pylint: disable=g-import-not-at-top
     config = config_lib.load_config(toy, {"ema_decay": 0.9})

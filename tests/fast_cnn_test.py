@@ -241,6 +241,7 @@ def test_each_technique_alone_runs(name, tmp_path):
     assert np.isfinite(result.get("eval/loss", 0.0))
 
 
+@pytest.mark.slow
 def test_smoke_preset_resumes_bitwise_with_statistics_and_lookahead(tmp_path):
     config = _fast_config(**{"ema_decay": 0.5})
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")

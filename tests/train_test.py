@@ -253,6 +253,7 @@ def _wait_for_checkpoint(proc, workdir, timeout=120):
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_sigkill_resumes_exactly(tmp_path):
     """SIGTERM saves the current step; after SIGKILL a rerun ends bitwise equal."""
     # batch 1: 48 steps an epoch, 2,880 steps in all.
