@@ -108,8 +108,9 @@ def restore_model(workdir: str, abstract_model: PyTree, step: int | None = None
         raise errors.UserError(
             f"No checkpoints in {directory}: train first with --mode=train and "
             "the same --workdir.")
-    latest = step is None
-    for attempt in range(_READ_ATTEMPTS):
+    latest, attempt = step is None, 0
+    while True:
+        attempt += 1
         manager = create_manager(workdir, read_only=True)
         try:
             steps = manager.all_steps()
@@ -130,8 +131,8 @@ def restore_model(workdir: str, abstract_model: PyTree, step: int | None = None
                          _step_dir(manager, step), e)
             # A run training in this workdir may have replaced the latest
             # checkpoint while it was read: then read the new latest one.
-            if latest and attempt + 1 < _READ_ATTEMPTS:
-                time.sleep(0.2 * (attempt + 1))
+            if latest and attempt < _READ_ATTEMPTS:
+                time.sleep(0.2 * attempt)
                 if saved_steps(workdir) != sorted(steps):
                     continue
             raise errors.UserError(
@@ -141,7 +142,6 @@ def restore_model(workdir: str, abstract_model: PyTree, step: int | None = None
                 f"checkpoint with --step (saved: {sorted(steps)}).") from None
         finally:
             manager.close()
-    raise AssertionError("unreachable")
 
 
 # Reads of the latest checkpoint while a run may be replacing it.

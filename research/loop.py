@@ -14,7 +14,6 @@ signal, or a first one that no chunk follows, ends a hung process.
 """
 import ctypes
 import dataclasses
-import os
 import select
 import signal
 import socket
@@ -26,6 +25,8 @@ from typing import Callable, Iterable
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+
+from research import errors
 
 
 @dataclasses.dataclass
@@ -179,12 +180,9 @@ class Preemption:
 
 
 def _end(signum: int, why: str) -> None:
-    """Ends the process now, from any thread (the main one may be hung)."""
-    name = signal.Signals(signum).name
-    os.write(2, f"error: {name} and {why}: stopped without a further "
-                f"checkpoint; the checkpoints already saved are kept. Rerun to "
-                f"resume.\n".encode())
-    os._exit(128 + signum)  # pylint: disable=protected-access
+    errors.exit_now(f"{signal.Signals(signum).name} and {why}: stopped without a "
+                    "further checkpoint; the checkpoints already saved are kept. "
+                    "Rerun to resume.", 128 + signum)
 
 
 class _NativeHandler:

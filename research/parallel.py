@@ -74,15 +74,13 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
 
 def _end_unless_formed(formed: threading.Event, timeout_s: int, address: str | None,
                        process_id: int | None, num_processes: int | None) -> None:
-    if formed.wait(timeout_s):
-        return
-    os.write(2, (
-        f"error: The distributed job did not form within {timeout_s}s (coordinator "
-        f"{address}, process {process_id} of {num_processes}): start every process "
-        "with the same --coordinator_address (process 0's host:port, with no other "
-        "server on it) and --num_processes, or raise --distributed_timeout_s.\n"
-    ).encode())
-    os._exit(2)  # pylint: disable=protected-access
+    if not formed.wait(timeout_s):
+        errors.exit_now(
+            f"The distributed job did not form within {timeout_s}s (coordinator "
+            f"{address}, process {process_id} of {num_processes}): start every "
+            "process with the same --coordinator_address (process 0's host:port, "
+            "with no other server on it) and --num_processes, or raise "
+            "--distributed_timeout_s.", 2)
 
 
 def _wait_for_coordinator(address: str, timeout_s: int) -> None:
