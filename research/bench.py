@@ -9,7 +9,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=2 \
 python -m research.bench --config=configs/cifar_cnn.py --batch_sizes=128 \
     --inputs=memory,stream --notorch
 
-The JAX step is the trainer's own (`steps.train_steps` with data on the device,
+The JAX step is the trainer's own (`steps.train_chunk` with data on the device,
 the state donated); PyTorch runs eagerly in another interpreter
 (`research/bench_torch.py`; `--torch_python`, default $TORCH_PYTHON or
 .venv-torch/bin/python). Warm-up is excluded on both sides; each number is the
@@ -38,12 +38,14 @@ import numpy as np
 
 from research import bench_stream
 from research import costs
-from research import experiment
-from research import input_pipeline
-from research import main as main_lib
+from research import assembly
+from research.core import experiment as experiment_lib
+from research.data import input_pipeline
+from research import cli
 from research import malloc
-from research import parallel
-from research import steps
+from research import runner
+from research import mesh as mesh_lib
+from research.core import steps
 
 # --config: research.main's flag (one parser, one-line errors, exit status 2).
 flags.DEFINE_list("batch_sizes", ["4", "128", "512"], "Global batch sizes.")
@@ -91,7 +93,19 @@ def matmul_peak_flops(n: int = 2048) -> float:
     return 2 * n ** 3 / best
 
 
-def _model_flops(exp: experiment.Experiment, batch_size: int, args
+def cpu_flags() -> str:
+    """The CPU's vector ISA flags (AVX-512, AMX, ...) from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags_line = next(line for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
+    wanted = ("avx", "fma", "amx", "sse4")
+    return " ".join(sorted(f for f in flags_line.split(":", 1)[1].split()
+                           if f.startswith(wanted)))
+
+
+def _model_flops(exp: experiment_lib.Experiment, batch_size: int, args
                  ) -> tuple[float, str]:
     """Model FLOPs of one train step, and where the number comes from."""
     if isinstance(exp.dataset, input_pipeline.CharacterText):
@@ -104,21 +118,22 @@ def _model_flops(exp: experiment.Experiment, batch_size: int, args
 
 def bench_jax(config, batch_size: int, num_devices: int) -> dict:
     """Times the trainer's compiled step and an eval step on synthetic data."""
-    exp = experiment.build(config, mesh=parallel.create_mesh(num_devices),
+    exp = assembly.build(config, mesh=mesh_lib.create_mesh(num_devices),
                            info={})
     mesh = exp.mesh
-    parallel.check_divisible("batch_size", batch_size, mesh, config.grad_accum_steps)
+    mesh_lib.check_divisible("batch_size", batch_size, mesh, config.grad_accum_steps)
     args = costs.train_step_args(exp, batch_size)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = exp.train_chunk(1, batch_size).lower(*args).compile()
+        compiled = exp.train_chunk(args.source, 1, args.carry.state).lower(
+            args.carry, args.inputs, args.keys, args.aux).compile()
     compile_s = time.perf_counter() - start
     flops, flops_source = _model_flops(exp, batch_size, args)
-    holder = {"carry": args[:3]}
+    holder = {"carry": args.carry}
 
     def train_call():  # as in the trainer: metrics stay on device between calls
-        holder["carry"] = compiled(*holder["carry"], *args[3:])
-        return holder["carry"][2]
+        holder["carry"] = compiled(holder["carry"], args.inputs, args.keys, args.aux)
+        return holder["carry"].bad_step
 
     jax.block_until_ready(train_call())
     step_s = bench_stream.median_time(train_call, FLAGS.steps, FLAGS.repeats)
@@ -128,12 +143,12 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
     mask_shape = (batch_size,) if "label" in synthetic else (
         batch_size, synthetic["tokens"].shape[1] - 1)
     batch = jax.device_put({"mask": np.ones(mask_shape, bool), **synthetic},
-                           parallel.batch_sharded(mesh))
-    variables = holder["carry"][0].eval_variables
+                           mesh_lib.batch_sharded(mesh))
+    variables = holder["carry"].state.eval_variables
     with jax.set_mesh(mesh):
         eval_fn = jax.jit(functools.partial(
             steps.eval_step, exp.model.apply, pipeline=exp.pipeline(train=False)),
-            out_shardings=parallel.replicated(mesh)).lower(
+            out_shardings=mesh_lib.replicated(mesh)).lower(
                 variables, batch, exp.aux()).compile()
     jax.block_until_ready(eval_fn(variables, batch, exp.aux()))
     eval_s = bench_stream.median_time(lambda: eval_fn(variables, batch, exp.aux()),
@@ -146,14 +161,14 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
             "model_flops_per_step": flops, "flops_source": flops_source}
 
 
-def bench_torch(config, batch_size: int) -> dict | None:
+def bench_torch(config, batch_size: int) -> list[dict] | None:
     python = (FLAGS.torch_python or os.environ.get("TORCH_PYTHON")
               or os.path.join(os.getcwd(), ".venv-torch", "bin", "python"))
     if not os.path.exists(python):
         logging.warning("No interpreter with torch at %s; skipping PyTorch (see "
                         "README, Benchmarks).", python)
         return None
-    if not (config.model in ("lenet", "airbench") or (
+    if not (config.model in ("lenet", "airbench", "gpt") or (
             config.model == "char_rnn" and config.model_kwargs.cell == "lstm")):
         logging.warning("No PyTorch twin of model %r; skipping it.", config.model)
         return None
@@ -170,10 +185,27 @@ def bench_torch(config, batch_size: int) -> dict | None:
         job.update({k: config.model_kwargs[k] for k in (
             "vocab_size", "embed_dim", "hidden_size", "num_layers", "dropout_rate")})
         job["seq_len"] = config.seq_len
+    if job["model"] == "gpt":
+        kwargs = config.model_kwargs
+        job.update({k: kwargs[k] for k in (
+            "vocab_size", "num_layers", "width", "num_heads", "context", "mlp_ratio",
+            "dropout_rate")})
+        multiple = kwargs.get("vocab_multiple", 64)
+        job.update(seq_len=config.seq_len,
+                   rows=-(-kwargs.vocab_size // multiple) * multiple)
     script = os.path.join(os.path.dirname(__file__), "bench_torch.py")
     out = subprocess.run([python, script, json.dumps(job)], capture_output=True,
                          text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    records = [json.loads(out.stdout.strip().splitlines()[-1])]
+    if job["model"] == "gpt":  # and compiled, where inductor runs here
+        done = subprocess.run([python, script, json.dumps({**job, "compile": True})],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        else:
+            logging.warning("torch.compile did not run here: %s",
+                            done.stderr.strip().splitlines()[-1:])
+    return records
 
 
 def _variants(config):
@@ -211,9 +243,8 @@ def main(argv):
                                          steps=FLAGS.steps, repeats=FLAGS.repeats,
                                          synthetic_fn=costs.synthetic_rows)})
             if FLAGS.torch:
-                rec = bench_torch(variant, batch_size)
-                if rec:
-                    jax_rec = records[-1]
+                jax_rec = records[-1]
+                for rec in bench_torch(variant, batch_size) or []:
                     rec["mfu"] = (jax_rec["model_flops_per_step"]
                                   / (rec["step_ms"] / 1e3) / peak)
                     records.append({"config": name, "batch_size": batch_size, **rec})
@@ -221,7 +252,7 @@ def main(argv):
     print(f"matmul peak for MFU: {peak / 1e9:.0f} GFLOP/s"
           + (" (bfloat16: 2x the float32 matmul)"
              if config.model_kwargs.get("dtype") == "bfloat16" else ""))
-    print(f"{'config':<22}{'batch':>6}{'framework':>10}{'devices':>8}"
+    print(f"{'config':<22}{'batch':>6}{'framework':>14}{'devices':>8}"
           f"{'train ' + unit:>18}{'eval ' + unit:>18}{'step ms':>9}{'MFU':>7}"
           f"{'jax/torch':>10}")
     for rec in records:
@@ -232,7 +263,7 @@ def main(argv):
                               and r["batch_size"] == rec["batch_size"]), None)
             if torch_rec:
                 ratio = f"{rec['train_per_sec'] / torch_rec['train_per_sec']:.2f}"
-        print(f"{rec['config']:<22}{rec['batch_size']:>6}{rec['framework']:>10}"
+        print(f"{rec['config']:<22}{rec['batch_size']:>6}{rec['framework']:>14}"
               f"{rec.get('devices', 1):>8}{rec['train_per_sec']:>18,.0f}"
               f"{rec['eval_per_sec']:>18,.0f}{rec['step_ms']:>9.2f}"
               f"{rec['mfu']:>7.1%}{ratio:>10}")
@@ -249,11 +280,13 @@ def main(argv):
                   f"{rec['wait_ms']:>8.2f}{rec['step_ms_without_input']:>10.2f}"
                   f"{rec['reader_per_sec']:>12,.0f}"
                   f"{rec['step_ms_in_memory']:>11.2f}")
-    with open(FLAGS.output, "w") as f:
-        json.dump(records + streamed, f, indent=1)
+    with open(FLAGS.output, "w") as f:  # with the machine it measured
+        json.dump({"about": {**runner.provenance(), "cpu_flags": cpu_flags(),
+                             "matmul_peak_flops": peak},
+                   "records": records + streamed}, f, indent=1)
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(lambda argv: main_lib.guarded(main, argv),
-            flags_parser=main_lib.parse_flags)
+    app.run(lambda argv: cli.guarded(main, argv),
+            flags_parser=cli.parse_flags)

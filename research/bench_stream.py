@@ -18,12 +18,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from research import experiment
-from research import input_pipeline
-from research import parallel
-from research import records as records_lib
-from research import sharded_data
-from research import streaming
+from research import assembly
+from research.core import experiment as experiment_lib
+from research.data import input_pipeline
+from research import mesh as mesh_lib
+from research.data import records as records_lib
+from research.data import inputs as data_inputs
+from research.data import streaming
 
 Split = dict[str, np.ndarray]
 
@@ -43,7 +44,7 @@ def median_time(fn: Callable[[], Any], steps: int, repeats: int) -> float:
 
 def bench_stream(config: ml_collections.ConfigDict, batch_size: int,
                  num_devices: int, *, steps: int, repeats: int,
-                 synthetic_fn: Callable[[experiment.Experiment, int], Split]
+                 synthetic_fn: Callable[[experiment_lib.Experiment, int], Split]
                  ) -> dict[str, Any]:
     """Times the streamed train step with and without its input, beside the
     in-memory step, and the reader alone.
@@ -56,7 +57,7 @@ def bench_stream(config: ml_collections.ConfigDict, batch_size: int,
       repeats: timings per number (the median is kept).
       synthetic_fn: `(experiment, examples) -> rows` of random data.
     """
-    exp = experiment.build(config, mesh=parallel.create_mesh(num_devices),
+    exp = assembly.build(config, mesh=mesh_lib.create_mesh(num_devices),
                            info={})
     mesh = exp.mesh
     if not streaming.can_stream(exp.dataset):
@@ -79,34 +80,30 @@ def bench_stream(config: ml_collections.ConfigDict, batch_size: int,
                 steps_per_epoch=steps_per_epoch, mesh=mesh, start=0, stop=stop,
                 chunk_size=lambda step: 1, options=config.stream)
 
-        state = exp.create_state(jax.random.key(0), total_steps=10_000)
         keys = jax.device_put({"dropout": jax.random.key(1),
                                "augment": jax.random.key(2)},
-                              parallel.replicated(mesh))
-        empty = parallel.put_replicated(exp.objective.metrics_cls.empty(), mesh)
-        spec = streaming.batch_spec(features, batch_size, mesh, 1,
-                                    extra={"index": ((), np.dtype(np.int32))})
-        bad = parallel.put_replicated(np.int32(-1), mesh)
-        holder = {"carry": (state, empty, bad)}
+                              mesh_lib.replicated(mesh))
+        streamed = data_inputs.StreamTrain(source, batch_size, mesh, config.stream)
+        holder = {"carry": exp.carry(exp.create_state(jax.random.key(0),
+                                                      total_steps=10_000))}
         # The in-memory path's chunk on the same rows, timed in the same loop.
-        placed_rows, row_of = sharded_data.place_rows(
-            input_pipeline.Shard(rows, (examples,)), mesh)
-        memory_args = ({"rows": placed_rows, "row_of": row_of},
-                       parallel.put_replicated(np.random.default_rng(1).permutation(
-                           examples).astype(np.int32), mesh), keys, exp.aux())
-        memory_state = exp.create_state(jax.random.key(0), total_steps=10_000)
-        memory_holder = {"carry": (memory_state, parallel.put_replicated(
-            exp.objective.metrics_cls.empty(), mesh),
-            parallel.put_replicated(np.int32(-1), mesh))}
+        in_memory = data_inputs.MemoryTrain(input_pipeline.Shard(rows, (examples,)),
+                                            batch_size, mesh)
+        memory_inputs = {**in_memory.data, "order": mesh_lib.put_replicated(
+            np.random.default_rng(1).permutation(examples).astype(np.int32), mesh)}
+        memory_holder = {"carry": exp.carry(exp.create_state(
+            jax.random.key(0), total_steps=10_000))}
         with jax.set_mesh(mesh):
-            compiled = exp.stream_chunk(steps_per_epoch).lower(
-                *holder["carry"], spec, keys, exp.aux()).compile()
-            in_memory = exp.train_chunk(1, batch_size).lower(
-                *memory_holder["carry"], *memory_args).compile()
+            compiled = exp.train_chunk(streamed, 1, holder["carry"].state).lower(
+                holder["carry"], streamed.spec(1), keys, exp.aux()).compile()
+            memory_chunk = exp.train_chunk(
+                in_memory, 1, memory_holder["carry"].state).lower(
+                memory_holder["carry"], memory_inputs, keys, exp.aux()).compile()
 
         def memory_call():
-            memory_holder["carry"] = in_memory(*memory_holder["carry"], *memory_args)
-            return memory_holder["carry"][2]
+            memory_holder["carry"] = memory_chunk(memory_holder["carry"],
+                                                  memory_inputs, keys, exp.aux())
+            return memory_holder["carry"].bad_step
 
         # The reader alone (batches read, stacked and placed, nothing
         # trained), past what it read ahead: a capacity, not a ratio.
@@ -124,8 +121,8 @@ def bench_stream(config: ml_collections.ConfigDict, batch_size: int,
             return batch
 
         def train_call(batch):
-            holder["carry"] = compiled(*holder["carry"], batch, keys, exp.aux())
-            return holder["carry"][2]
+            holder["carry"] = compiled(holder["carry"], batch, keys, exp.aux())
+            return holder["carry"].bad_step
 
         placed = take("read")
         for _ in range(drain):

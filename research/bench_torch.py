@@ -45,6 +45,49 @@ class CharLSTM(nn.Module):
         return self.head(self.drop(out))
 
 
+class GPT(nn.Module):
+    """research.models.gpt.GPT: pre-norm blocks, causal attention through
+    `scaled_dot_product_attention`, a GELU MLP, tied embeddings, no biases
+    but the LayerNorms'; the embedding's rows padded as there."""
+
+    def __init__(self, vocab, rows, layers, width, heads, context, mlp_ratio,
+                 dropout):
+        super().__init__()
+        self.vocab, self.heads = vocab, heads
+        self.embed = nn.Embedding(rows, width)
+        self.position = nn.Parameter(torch.randn(context, width) * 0.01)
+        self.blocks = nn.ModuleList(_Block(width, heads, mlp_ratio, dropout)
+                                    for _ in range(layers))
+        self.norm, self.drop = nn.LayerNorm(width), nn.Dropout(dropout)
+
+    def forward(self, tokens):
+        x = self.drop(self.embed(tokens) + self.position[:tokens.shape[1]])
+        for block in self.blocks:
+            x = block(x)
+        return (self.norm(x) @ self.embed.weight.T)[..., :self.vocab]
+
+
+class _Block(nn.Module):
+    def __init__(self, width, heads, mlp_ratio, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+        self.fc1 = nn.Linear(width, mlp_ratio * width, bias=False)
+        self.fc2 = nn.Linear(mlp_ratio * width, width, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        b, t, w = x.shape
+        q, k, v = (y.view(b, t, self.heads, w // self.heads).transpose(1, 2)
+                   for y in self.qkv(self.norm1(x)).split(w, dim=2))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.drop(self.out(y.transpose(1, 2).reshape(b, t, w)))
+        h = self.fc2(nn.functional.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+        return x + self.drop(h)
+
+
 class _Norm(nn.BatchNorm2d):
     """airbench's BatchNorm: no scale (frozen at 1), momentum 0.4 (PyTorch's
     convention for flax's 0.6), eps 1e-12."""
@@ -173,12 +216,19 @@ def run(job: dict) -> dict:
                               momentum=job["momentum"])
         per_example = 1
     else:
-        model = CharLSTM(job["vocab_size"], job["embed_dim"], job["hidden_size"],
-                         job["num_layers"], job["dropout_rate"])
+        if job["model"] == "gpt":
+            model = GPT(job["vocab_size"], job["rows"], job["num_layers"],
+                        job["width"], job["num_heads"], job["context"],
+                        job["mlp_ratio"], job["dropout_rate"])
+        else:
+            model = CharLSTM(job["vocab_size"], job["embed_dim"], job["hidden_size"],
+                             job["num_layers"], job["dropout_rate"])
         tokens = torch.randint(0, job["vocab_size"], (batch, job["seq_len"] + 1))
         x, y = tokens[:, :-1], tokens[:, 1:]
         opt = torch.optim.Adam(model.parameters(), lr=job["learning_rate"])
         per_example = job["seq_len"]
+        if job.get("compile"):  # torch.compile, where it runs on this CPU
+            model = torch.compile(model)
     loss_fn = nn.CrossEntropyLoss()
 
     def train_step():
@@ -198,7 +248,8 @@ def run(job: dict) -> dict:
     train_time = _time(train_step, steps, repeats)
     model.eval()
     eval_time = _time(eval_step, steps, repeats)
-    return {"framework": "torch", "torch_version": torch.__version__,
+    return {"framework": "torch.compile" if job.get("compile") else "torch",
+            "torch_version": torch.__version__,
             "threads": torch.get_num_threads(),
             "train_per_sec": batch * per_example / train_time,
             "eval_per_sec": batch * per_example / eval_time,

@@ -1,6 +1,7 @@
 """Compression as config-driven stages, and one table of what each buys.
 
-python -m research.compress --config=configs/compress_cifar.py --workdir=runs/compress
+python -m research.compress --config=configs/pipelines/compress_cifar.py \
+    --workdir=runs/compress
 
 The config names a teacher and a student (each a config file plus
 overrides) and the stages to run: train the teacher and the student alone,
@@ -9,13 +10,12 @@ level (fine-tuning from its trained weights with the gradual schedule),
 quantize to int8 after training (calibrated on training images) or through
 quantization-aware training, and prune-then-quantize. Every training stage is
 an ordinary run in its own sub-workdir, so it resumes like any run and a
-finished one is only evaluated. The results go to
+finished one is only evaluated (`runner.py`). The results go to
 `<workdir>/compression_results.{json,md}`: test accuracy, parameters,
 non-zeros counted in the saved checkpoint, bytes of the exported weights,
 and evaluation images/s here.
 """
 import dataclasses
-import json
 import os
 import time
 import zipfile
@@ -29,14 +29,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from research import config_lib
+from research.core import config_lib
 from research import errors
-from research import experiment
-from research import main as main_lib
-from research import parallel
-from research import steps
-from research import train
-from research import writers
+from research import assembly
+from research.core import experiment as experiment_lib
+from research import cli
+from research import mesh as mesh_lib
+from research.core import steps
+from research import runner
+from research.core import writers
+from research.data import inputs as data_inputs
 from research.compression import distill
 from research.compression import prune
 from research.compression import quantize
@@ -105,20 +107,21 @@ class Pipeline:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                  allow_config_change: bool = False):
-        self.config, self.workdir = config, workdir
-        self.allow_config_change = allow_config_change
-        self.rows: list[Row] = []
+        self.config = config
+        self.table = runner.Runner(workdir, RESULTS, render, allow_config_change)
+
+    @property
+    def rows(self) -> list[Row]:
+        return [Row(**r) for r in self.table.rows]
 
     def path(self, name: str) -> str:
-        return os.path.join(self.workdir, name)
+        return self.table.path(name)
 
     def train(self, name: str, role: str, extra: dict[str, Any] | None = None
               ) -> ml_collections.ConfigDict:
         """Trains (or resumes, or only evaluates) one run; returns its config."""
         run_config = _run_config(self.config, role, extra)
-        logging.info("Stage %s: %s", name, self.path(name))
-        train.train_and_evaluate(run_config, self.path(name),
-                                 allow_config_change=self.allow_config_change)
+        self.table.train(name, run_config)
         return run_config
 
     def float_row(self, name: str, model: str, stage: str,
@@ -159,10 +162,10 @@ class Pipeline:
         config = ml_collections.ConfigDict(config.to_dict())
         config.objective = "classification"
         config.objective_kwargs = ml_collections.ConfigDict()
-        mesh = parallel.create_mesh(config.num_devices)
-        restored = experiment.restore_variables(config, workdir, mesh=mesh)
-        exp = experiment.build(config, mesh=mesh, info=restored.info or None)
-        return restored, exp, exp.place_eval()
+        mesh = mesh_lib.create_mesh(config.num_devices)
+        restored = assembly.restore_variables(config, workdir, mesh=mesh)
+        exp = assembly.build(config, mesh=mesh, info=restored.info or None)
+        return restored, exp, data_inputs.placed_eval_split(exp)
 
     def _row(self, name, model, stage, accuracy, variables, path, speed) -> Row:
         params = variables["params"]
@@ -172,7 +175,7 @@ class Pipeline:
                   bytes_zipped=_zipped_size(path), eval_images_per_s=speed,
                   workdir=name)
         logging.info("%s", row)
-        self.rows.append(row)
+        self.table.add(dataclasses.asdict(row))
         return row
 
 
@@ -186,7 +189,7 @@ def _with_xla_kernels(config: ml_collections.ConfigDict) -> ml_collections.Confi
     return config
 
 
-def _calibration(exp: experiment.Experiment, batches: int) -> list[jax.Array]:
+def _calibration(exp: experiment_lib.Experiment, batches: int) -> list[jax.Array]:
     """Model inputs of the first `batches` x 256 training examples."""
     rows = exp.dataset.train_rows(exp.config, exp.info).rows
     out = []
@@ -198,7 +201,7 @@ def _calibration(exp: experiment.Experiment, batches: int) -> list[jax.Array]:
 
 
 def _score(apply_fn: Callable[..., Any], variables: Any,
-           exp: experiment.Experiment, data: dict[str, jax.Array]
+           exp: experiment_lib.Experiment, data: dict[str, jax.Array]
            ) -> tuple[float, float]:
     """Accuracy on the placed eval split with the normal eval step, and the
     evaluation's images/s (the second of two timed passes)."""
@@ -228,7 +231,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     """Runs the config's stages in order; writes and returns the table.
     `allow_config_change` lets every stage resume with a changed config."""
     check(config)
-    os.makedirs(workdir, exist_ok=True)
     p = Pipeline(config, workdir, allow_config_change)
     stages = set(config.stages)
     configs = {}
@@ -285,7 +287,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
             name = f"prune_{model}_{int(round(100 * level))}"
             if name in configs:
                 p.int8_row(f"{name}_int8", model, "prune_ptq", configs[name], name)
-    write_results(p.rows, workdir)
     return p.rows
 
 
@@ -324,32 +325,30 @@ def _kernels_off(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return overrides
 
 
-def write_results(rows: list[Row], workdir: str) -> None:
-    """`compression_results.json` (the rows) and `.md` (a table)."""
-    with open(os.path.join(workdir, RESULTS + ".json"), "w") as f:
-        json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+def render(rows: list[dict[str, Any]]) -> list[str]:
+    """The Markdown table: each model beside its dense baseline."""
     dense = {}  # the first baseline of each model: what the others compare to
     for r in rows:
-        if r.stage == "baseline":
-            dense.setdefault(r.model, r)
+        if r["stage"] == "baseline":
+            dense.setdefault(r["model"], r)
     lines = ["| model | stage | test accuracy | vs dense | parameters | non-zeros | "
              "bytes (vs dense) | zipped | eval images/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = dense[r.model]
+        base = dense[r["model"]]
         lines.append(
-            f"| {r.name} | {r.stage} | {100 * r.accuracy:.2f}% | "
-            f"{100 * (r.accuracy - base.accuracy):+.2f} | {r.params:,} | "
-            f"{r.nonzeros:,} ({r.nonzeros / r.params:.0%}) | {r.bytes:,} "
-            f"({r.bytes / base.bytes:.2f}x) | {r.bytes_zipped:,} "
-            f"({r.bytes_zipped / base.bytes:.2f}x) | {r.eval_images_per_s:,.0f} |")
-    with open(os.path.join(workdir, RESULTS + ".md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+            f"| {r['name']} | {r['stage']} | {100 * r['accuracy']:.2f}% | "
+            f"{100 * (r['accuracy'] - base['accuracy']):+.2f} | {r['params']:,} | "
+            f"{r['nonzeros']:,} ({r['nonzeros'] / r['params']:.0%}) | "
+            f"{r['bytes']:,} ({r['bytes'] / base['bytes']:.2f}x) | "
+            f"{r['bytes_zipped']:,} ({r['bytes_zipped'] / base['bytes']:.2f}x) | "
+            f"{r['eval_images_per_s']:,.0f} |")
+    return lines
 
 
 def _main(argv: list[str]) -> None:
     """`--config` is a compression config here; `--workdir` holds the stages."""
-    workdir = main_lib.pipeline_workdir(argv, "configs/compress_cifar.py")
+    workdir = cli.pipeline_workdir(argv, "configs/pipelines/compress_cifar.py")
     rows = run(flags.FLAGS.config, workdir, flags.FLAGS.allow_config_change)
     for r in rows:
         writers.report(f"{r.name}: {100 * r.accuracy:.2f}%, {r.nonzeros:,} non-zeros, "
@@ -358,5 +357,5 @@ def _main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: main_lib.guarded(_main, argv),
-            flags_parser=main_lib.parse_flags)
+    app.run(lambda argv: cli.guarded(_main, argv),
+            flags_parser=cli.parse_flags)

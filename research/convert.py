@@ -11,7 +11,6 @@ to `<out_dir>/<dataset>/<version>/<split>.array_record-*` plus
 Train with `--config.input=stream --config.stream.dir=<out_dir>` (or
 `input=auto`, which streams converted splits too large for memory).
 """
-import sys
 import time
 
 from absl import app
@@ -19,10 +18,12 @@ from absl import flags
 from absl import logging
 import ml_collections
 
+from research import cli
 from research import errors
-from research import input_pipeline
-from research import records
-from research import streaming
+from research.data import input_pipeline
+from research.data import tfds_reader
+from research.data import records
+from research.data import streaming
 
 flags.DEFINE_string("dataset", None, "Key of input_pipeline.DATASETS.")
 flags.DEFINE_list("splits", ["train", "test"], "Named TFDS splits to convert "
@@ -52,21 +53,21 @@ def convert(dataset_name: str, splits: list[str], out_dir: str, data_dir: str = 
             "stream_features); it trains in memory only.")
     config = ml_collections.ConfigDict({"data_dir": data_dir, "download": False})
     features = dataset.stream_features(config)
-    version = input_pipeline.dataset_version(dataset)
+    version = tfds_reader.dataset_version(dataset)
     per_shard = max(1, int(shard_mb * 2 ** 20) // records.row_bytes(features))
     counts = {}
     for split in splits:
-        if input_pipeline.base_splits(split) != [split] or "[" in split:
+        if tfds_reader.base_splits(split) != [split] or "[" in split:
             raise errors.UserError(
                 f"--splits takes whole named splits, got {split!r}; convert "
-                f"{input_pipeline.base_splits(split)} and slice when training.")
+                f"{tfds_reader.base_splits(split)} and slice when training.")
         start = time.perf_counter()
         num, batches = dataset.convert_batches(config, split, batch_size)
         counts[split] = records.write_split(
             out_dir, dataset.tfds_name, version, split, features, batches, num,
-            per_shard, source={"data_dir": input_pipeline.resolve_data_dir(config),
+            per_shard, source={"data_dir": tfds_reader.resolve_data_dir(config),
                                "tfds_split": split, "tfds_files":
-                               input_pipeline.split_files(dataset, config, split)})
+                               tfds_reader.split_files(dataset, config, split)})
         logging.info("Converted %s %s[%s]: %d examples in %.1fs", dataset.tfds_name,
                      version, split, num, time.perf_counter() - start)
         print(f"{dataset.tfds_name} {version} {split}: {num} examples -> "
@@ -76,15 +77,12 @@ def convert(dataset_name: str, splits: list[str], out_dir: str, data_dir: str = 
 
 
 def main(argv: list[str]) -> None:
-    del argv
-    try:
-        convert(FLAGS.dataset, FLAGS.splits, FLAGS.out_dir, FLAGS.data_dir,
-                FLAGS.batch_size, FLAGS.shard_mb)
-    except errors.UserError as e:  # one line and status 2, as research.main
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    convert(FLAGS.dataset, FLAGS.splits, FLAGS.out_dir, FLAGS.data_dir,
+            FLAGS.batch_size, FLAGS.shard_mb)
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["dataset", "out_dir"])
-    app.run(main)
+    app.run(lambda argv: cli.guarded(main, argv))  # one-line errors, as main

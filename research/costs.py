@@ -12,17 +12,18 @@ multiply-adds; elementwise work is reported by XLA's count beside it.
 import collections
 import contextlib
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core
 
-from research import experiment
-from research import input_pipeline
-from research import parallel
-from research import sharded_data
+from research import assembly
+from research.core import experiment as experiment_lib
+from research.data import input_pipeline
+from research import mesh as mesh_lib
+from research.data import inputs as data_inputs
 from research.models import impl
 
 PyTree = Any
@@ -78,7 +79,7 @@ def count_macs(jaxpr, scope: str = "") -> dict[str, int]:
     return {k: v for k, v in macs.items() if v}
 
 
-def forward_macs(exp: experiment.Experiment, batch_size: int = 1
+def forward_macs(exp: experiment_lib.Experiment, batch_size: int = 1
                  ) -> dict[str, int]:
     """Multiply-adds of a forward pass over `batch_size` examples, by layer."""
     shape = (batch_size,) + exp.dataset.input_shape(exp.config)
@@ -99,7 +100,7 @@ def xla_flops(compiled) -> float:
     return float(analysis.get("flops", 0.0))
 
 
-def synthetic_rows(exp: experiment.Experiment, examples: int
+def synthetic_rows(exp: experiment_lib.Experiment, examples: int
                    ) -> dict[str, np.ndarray]:
     """Random rows shaped like the dataset's (labels or tokens in range)."""
     rng = np.random.default_rng(0)
@@ -114,29 +115,38 @@ def synthetic_rows(exp: experiment.Experiment, examples: int
                                   dtype=np.int32)}
 
 
-def train_step_args(exp: experiment.Experiment, batch_size: int
-                    ) -> tuple[Any, ...]:
-    """The arguments of `exp.train_chunk(n, batch_size)` on synthetic data
-    (8 batches of rows on the devices), ready to lower or call."""
+class StepArgs(NamedTuple):
+    """A train chunk's input path and arguments, on synthetic data."""
+    source: Any
+    carry: Any
+    inputs: Any
+    keys: Any
+    aux: Any
+
+
+def train_step_args(exp: experiment_lib.Experiment, batch_size: int) -> StepArgs:
+    """What `exp.train_chunk(args.source, n, state)` takes, on synthetic data (8
+    batches of rows on the devices, the in-memory path), ready to lower or
+    call as `chunk(args.carry, args.inputs, args.keys, args.aux)`."""
     mesh = exp.mesh
     examples = batch_size * 8
-    rows, row_of = sharded_data.place_rows(
-        input_pipeline.Shard(synthetic_rows(exp, examples), (examples,)), mesh)
-    order = parallel.put_replicated(
+    source = data_inputs.MemoryTrain(input_pipeline.Shard(
+        synthetic_rows(exp, examples), (examples,)), batch_size, mesh)
+    order = mesh_lib.put_replicated(
         np.random.default_rng(1).permutation(examples).astype(np.int32), mesh)
     keys = jax.device_put({"dropout": jax.random.key(1),
-                           "augment": jax.random.key(2)}, parallel.replicated(mesh))
-    return (exp.create_state(jax.random.key(0), total_steps=10_000),
-            parallel.put_replicated(exp.objective.metrics_cls.empty(), mesh),
-            parallel.put_replicated(np.int32(-1), mesh),
-            {"rows": rows, "row_of": row_of}, order, keys, exp.aux())
+                           "augment": jax.random.key(2)}, mesh_lib.replicated(mesh))
+    state = exp.create_state(jax.random.key(0), total_steps=10_000)
+    return StepArgs(source, exp.carry(state), {**source.data, "order": order},
+                    keys, exp.aux())
 
 
-def train_step_flops(exp: experiment.Experiment, batch_size: int, args) -> float:
+def train_step_flops(exp: experiment_lib.Experiment, batch_size: int,
+                     args: StepArgs) -> float:
     """XLA's FLOPs of one train step, the kernels counted as their XLA twin."""
     with _xla_only():
-        reference = experiment.build(exp.config, mesh=exp.mesh, info=exp.info)
-        state = reference.create_state(jax.random.key(0), 10_000)
+        reference = assembly.build(exp.config, mesh=exp.mesh, info=exp.info)
+        carry = reference.carry(reference.create_state(jax.random.key(0), 10_000))
         with jax.set_mesh(exp.mesh):
-            return xla_flops(reference.train_chunk(1, batch_size).lower(
-                state, *args[1:]).compile())
+            return xla_flops(reference.train_chunk(args.source, 1, carry.state).lower(
+                carry, args.inputs, args.keys, args.aux).compile())

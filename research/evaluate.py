@@ -9,19 +9,20 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from research import experiment
-from research import parallel
+from research import assembly
+from research.core import experiment as experiment_lib
+from research import mesh as mesh_lib
 from research import plots
-from research import writers
+from research.core import writers
 
 PyTree = Any
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None):
-    mesh = parallel.create_mesh(config.num_devices)
-    restored = experiment.restore_variables(config, workdir, step, mesh)
+    mesh = mesh_lib.create_mesh(config.num_devices)
+    restored = assembly.restore_variables(config, workdir, step, mesh)
     # The checkpoint's dataset info (e.g. its vocabulary) saves reading it again.
-    exp = experiment.build(config, mesh=mesh, info=restored.info or None)
+    exp = assembly.build(config, mesh=mesh, info=restored.info or None)
     return restored, exp, exp.evaluation()  # in memory, or streamed (config.input)
 
 
@@ -42,7 +43,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     return {**result, "step": restored.step}
 
 
-def predictions(exp: experiment.Experiment, variables: PyTree,
+def predictions(exp: experiment_lib.Experiment, variables: PyTree,
                 data: dict[str, jax.Array]) -> tuple[np.ndarray, np.ndarray]:
     """(labels, predicted classes) of every example of a placed eval split,
     on the host; padding removed."""
@@ -55,7 +56,7 @@ def predictions(exp: experiment.Experiment, variables: PyTree,
     return arrays["label"][arrays["mask"]], arrays["predicted"][arrays["mask"]]
 
 
-def write_plots(exp: experiment.Experiment, variables: PyTree,
+def write_plots(exp: experiment_lib.Experiment, variables: PyTree,
                 data: dict[str, jax.Array] | None, workdir: str) -> list[str]:
     """The run's curves and, for classifiers, the eval split's confusion
     matrix, as PNGs in `<workdir>/plots/` (process 0 writes them). `data`:

@@ -1,4 +1,8 @@
-"""`--mode=sample`: continue a prompt with a trained character model."""
+"""`--mode=sample`: continue a prompt with a trained character model.
+
+A recurrent model carries its state from token to token; a Transformer
+decodes against its key-value cache (`models/gpt.py`), one token's compute a
+step. Sampling: temperature (0: greedy), top-k and top-p (nucleus)."""
 import functools
 
 from absl import logging
@@ -9,39 +13,56 @@ from flax import linen as nn
 from jax import lax
 
 from research import errors
-from research import experiment
-from research import input_pipeline
-from research import models
-from research import parallel
+from research import assembly
+from research.data import input_pipeline
+from research import mesh as mesh_lib
 
 
 def pick_token(logits: jax.Array, key: jax.Array, *, temperature: float,
-               top_k: int) -> jax.Array:
-    """Samples one id from logits [vocab]; temperature 0 is greedy."""
+               top_k: int, top_p: float = 1.0) -> jax.Array:
+    """Samples one id from logits [vocab]; temperature 0 is greedy. `top_k`
+    keeps the k likeliest (0: all); `top_p` the fewest likeliest whose
+    probability reaches p (1: all)."""
     if temperature == 0:
         return jnp.argmax(logits).astype(jnp.int32)
     logits = logits / temperature
     if top_k:
         kth = lax.top_k(logits, top_k)[0][-1]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        ordered = jnp.sort(logits)[::-1]
+        before = jnp.cumsum(jax.nn.softmax(ordered)) - jax.nn.softmax(ordered)
+        cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf))
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
 def generate(model: nn.Module, variables, prompt: jax.Array, key: jax.Array, *,
-             length: int, temperature: float, top_k: int) -> jax.Array:
-    """Reads `prompt` [time] and returns `length` new ids, one step at a time."""
-    carry = model.initialize_carry(1)
-    logits, carry = model.apply(variables, prompt[None], carry=carry,
-                                return_carry=True)
+             length: int, temperature: float, top_k: int, top_p: float = 1.0
+             ) -> jax.Array:
+    """Reads `prompt` [time] and returns `length` new ids, one step at a time:
+    the model's state (a recurrent carry, or a Transformer's key-value
+    cache) goes from step to step."""
+    if hasattr(model, "init_cache"):
+        def apply(state, tokens):
+            logits, mutated = model.apply({**variables, "cache": state}, tokens,
+                                          decode=True, mutable=["cache"])
+            return logits, mutated["cache"]
+        state = model.init_cache(1)
+    else:
+        def apply(state, tokens):
+            return model.apply(variables, tokens, carry=state, return_carry=True)
+        state = model.initialize_carry(1)
+    logits, state = apply(state, prompt[None])
 
-    def step(state, step_key):
-        carry, logits = state
-        token = pick_token(logits, step_key, temperature=temperature, top_k=top_k)
-        logits, carry = model.apply(variables, token[None, None], carry=carry,
-                                    return_carry=True)
-        return (carry, logits[0, -1]), token
+    def step(carried, step_key):
+        state, logits = carried
+        token = pick_token(logits, step_key, temperature=temperature, top_k=top_k,
+                           top_p=top_p)
+        logits, state = apply(state, token[None, None])
+        return (state, logits[0, -1]), token
 
-    _, tokens = lax.scan(step, (carry, logits[0, -1]), jax.random.split(key, length))
+    _, tokens = lax.scan(step, (state, logits[0, -1]), jax.random.split(key, length))
     return tokens
 
 
@@ -63,13 +84,12 @@ def sample(config: ml_collections.ConfigDict, workdir: str,
     if not options.prompt:
         raise errors.UserError("config.sample.prompt is empty; give a few "
                                "characters to continue, e.g. 'ROMEO:'.")
-    if options.temperature < 0 or options.top_k < 0 or options.length < 1:
-        raise errors.UserError("config.sample needs temperature >= 0, top_k >= 0 "
-                               "and length >= 1.")
-    model = models.create_model(config.model, **config.model_kwargs)
-    variables, step, info = experiment.restore_variables(
-        config, workdir, step, parallel.create_mesh(1))
-    vocab = info["vocab"]
+    top_p = options.get("top_p", 1.0)
+    if (options.temperature < 0 or options.top_k < 0 or options.length < 1
+            or not 0 < top_p <= 1):
+        raise errors.UserError("config.sample needs temperature >= 0, top_k >= 0, "
+                               "0 < top_p <= 1 and length >= 1.")
+    model, variables, step, vocab = _restore(config, workdir, step)
     if options.top_k > len(vocab):
         raise errors.UserError(
             f"config.sample.top_k={options.top_k} but the model knows only "
@@ -79,11 +99,24 @@ def sample(config: ml_collections.ConfigDict, workdir: str,
     except errors.UserError as e:
         raise errors.UserError(f"config.sample.prompt={options.prompt!r}: {e} Use "
                                "only those characters.") from None
+    context = getattr(model, "context", None)
+    if context is not None and len(prompt) + options.length > context:
+        raise errors.UserError(
+            f"The prompt ({len(prompt)} characters) and config.sample.length="
+            f"{options.length} exceed the model's context of {context}; shorten "
+            "them.")
     tokens = jax.jit(functools.partial(
         generate, model, length=options.length, temperature=options.temperature,
-        top_k=options.top_k))(variables, jnp.asarray(prompt),
-                              jax.random.key(options.seed))
+        top_k=options.top_k, top_p=top_p))(variables, jnp.asarray(prompt),
+                                           jax.random.key(options.seed))
     text = options.prompt + "".join(vocab[i] for i in jax.device_get(tokens))
     logging.info("Sampled %d characters from the step-%d checkpoint.",
                  options.length, step)
     return text
+
+
+def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None):
+    """The checkpoint's module, variables, step and vocabulary."""
+    restored = assembly.restore_variables(config, workdir, step,
+                                          mesh_lib.create_mesh(1))
+    return restored.model, restored.variables, restored.step, restored.info["vocab"]

@@ -14,13 +14,23 @@ import ml_collections
 import numpy as np
 
 from research import costs
-from research import experiment
-from research import state as state_lib
+from research import assembly
+from research.core import state as state_lib
 
 
 def _bytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                for x in jax.tree.leaves(tree))
+
+
+def _device_bytes(tree: Any) -> int:
+    """Bytes one device holds of `tree` (its shard of each array; the
+    largest device's, should they differ)."""
+    per_device = collections.Counter()
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+    return max(per_device.values(), default=0)
 
 
 def _params_by_layer(params: Any) -> dict[str, int]:
@@ -50,10 +60,10 @@ def summarize(config: ml_collections.ConfigDict, *, timed_steps: int = 3
       timed_steps: train steps timed (after one to warm up) for the epoch
         estimate; 0 skips the measurement.
     """
-    exp = experiment.build(config)
+    exp = assembly.build(config)
     batch = config.batch_size
     args = costs.train_step_args(exp, batch)
-    state = args[0]
+    state = args.carry.state
     macs_by_layer = _macs_by_layer(costs.forward_macs(exp))
     summary = {
         "model": config.model, "batch_size": batch,
@@ -64,22 +74,29 @@ def summarize(config: ml_collections.ConfigDict, *, timed_steps: int = 3
         "param_bytes": _bytes(state.params),
         "state_bytes": _bytes(state.model_state) + _bytes(state.extras),
         "optimizer_bytes": _bytes(state.opt_state),
+        "mesh": {k: int(v) for k, v in exp.mesh.shape.items()},
+        # What one device holds under the config's scheme (sharded or not).
+        "param_bytes_per_device": _device_bytes(state.params),
+        "optimizer_bytes_per_device": _device_bytes(state.opt_state),
     }
     per_call = config.steps_per_call  # as the trainer runs them
     with jax.set_mesh(exp.mesh):
-        compiled = exp.train_chunk(per_call, batch).lower(*args).compile()
-    memory = compiled.memory_analysis()
+        compiled = exp.train_chunk(args.source, per_call, args.carry.state).lower(
+            *args[1:]).compile()
+    memory = compiled.memory_analysis()  # XLA's, per device
     summary["step_temp_bytes"] = getattr(memory, "temp_size_in_bytes", None)
-    summary["train_flops_per_example"] = costs.train_step_flops(exp, batch,
-                                                                args) / batch
+    summary["step_argument_bytes"] = getattr(memory, "argument_size_in_bytes", None)
+    # XLA counts one device's program: the devices share the step's work.
+    summary["train_flops_per_example"] = costs.train_step_flops(
+        exp, batch, args) * exp.mesh.size / batch
     rows = exp.dataset.train_rows(config, exp.info)
     summary["steps_per_epoch"] = sum(rows.counts) // batch
     if timed_steps:
-        carry = compiled(*args[:3], *args[3:])
+        carry = compiled(*args[1:])
         jax.block_until_ready(carry)
         start = time.perf_counter()
         for _ in range(timed_steps):
-            carry = compiled(*carry, *args[3:])
+            carry = compiled(carry, *args[2:])
         jax.block_until_ready(carry)
         summary["step_s"] = (time.perf_counter() - start) / (timed_steps * per_call)
         summary["epoch_s"] = summary["step_s"] * summary["steps_per_epoch"]
@@ -117,8 +134,13 @@ def describe(summary: dict[str, Any]) -> str:
         f"{_size(summary['train_flops_per_example'])}FLOP",
         f"memory: parameters {_mib(summary['param_bytes'])}, optimizer state "
         f"{_mib(summary['optimizer_bytes'])}, other state "
-        f"{_mib(summary['state_bytes'])}, train-step temporaries at batch "
-        f"{summary['batch_size']} {_mib(summary['step_temp_bytes'])}",
+        f"{_mib(summary['state_bytes'])}",
+        f"per device on mesh {summary['mesh']}: parameters "
+        f"{_mib(summary['param_bytes_per_device'])}, optimizer state "
+        f"{_mib(summary['optimizer_bytes_per_device'])}; the compiled train step "
+        f"(XLA's memory analysis, batch {summary['batch_size']}): arguments "
+        f"{_mib(summary['step_argument_bytes'])}, temporaries (activations) "
+        f"{_mib(summary['step_temp_bytes'])}",
     ]
     if "step_s" in summary:
         lines.append(

@@ -1,31 +1,30 @@
 """Variants of one experiment, run one after the other, and one table.
 
 XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-    python -m research.sweep --config=configs/diloco_cifar.py --workdir=runs/diloco
+    python -m research.sweep --config=configs/pipelines/diloco_cifar.py \
+        --workdir=runs/diloco
 
 A sweep config names a base experiment (a config file and overrides) and
 variants (name -> overrides, e.g. the data-parallel scheme). Each variant is
 an ordinary run in `<workdir>/<name>`: it resumes like any run, and a
-finished one is only evaluated again. The results go to
+finished one is only evaluated again (`runner.py`). The results go to
 `<workdir>/sweep_results.{json,md}`: the final evaluation metrics, what the
-run communicated (`comm/syncs`, `comm/bytes_per_step`, see `diloco.py`), and
-its training time.
+run communicated (`comm/syncs`, `comm/bytes_per_step`, see
+`parallel/diloco.py`), and its training time.
 """
-import json
 import os
 import time
 from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
 import ml_collections
 
-from research import config_lib
+from research.core import config_lib
 from research import errors
-from research import main as main_lib
-from research import train
-from research import writers
+from research import cli
+from research import runner
+from research.core import writers
 
 RESULTS = "sweep_results"
 
@@ -53,50 +52,43 @@ def run(sweep: ml_collections.ConfigDict, workdir: str,
     # `order`: names to run, in the table's order (ConfigDict sorts keys).
     names = list(sweep.order) if sweep.get("order") else sorted(sweep.variants)
     configs = {name: variant_config(sweep, name) for name in names}  # checked first
-    rows = []
+    table = runner.Runner(workdir, RESULTS, render, allow_config_change)
     for name in names:
-        run_dir = os.path.join(workdir, name)
-        logging.info("Variant %s: %s", name, run_dir)
         start = time.perf_counter()
-        result = train.train_and_evaluate(configs[name], run_dir,
-                                          allow_config_change=allow_config_change)
-        records = writers.read_metrics(run_dir)
-        rows.append({
-            "name": name, "step": result["step"],
+        result = table.train(name, configs[name])
+        records = writers.read_metrics(table.path(name))
+        table.add({
+            "name": name, "step": result["step"], "seed": configs[name].seed,
             **{k: v for k, v in result.items() if k.startswith("eval/")},
             "syncs": _last(records, "comm/syncs") or 0.0,
             "bytes_per_step": _last(records, "comm/bytes_per_step") or 0.0,
             "seconds": time.perf_counter() - start})
-        write_results(rows, workdir)
-    return rows
+    return table.rows
 
 
-def write_results(rows: list[dict[str, Any]], workdir: str) -> None:
-    """`sweep_results.json` (the rows) and `.md` (a table, each row beside
-    the first one)."""
-    with open(os.path.join(workdir, RESULTS + ".json"), "w") as f:
-        json.dump(rows, f, indent=1)
+def render(rows: list[dict[str, Any]]) -> list[str]:
+    """The Markdown table: each row beside the first one."""
     metrics = [k for k in rows[0] if k.startswith("eval/")]
     first = rows[0]
     head = " | ".join(m.removeprefix("eval/") + f" (vs {first['name']})"
                       for m in metrics)
-    lines = [f"| variant | steps | {head} | syncs | MB sent per step | "
-             "train + eval time |", "|---" * (5 + len(metrics)) + "|"]
+    lines = [f"| variant | seed | steps | {head} | syncs | MB sent per step | "
+             "train + eval time |", "|---" * (6 + len(metrics)) + "|"]
     for r in rows:
         cells = " | ".join(f"{r[m]:.4f} ({r[m] - first[m]:+.4f})" for m in metrics)
-        lines.append(f"| {r['name']} | {r['step']} | {cells} | {r['syncs']:.0f} | "
-                     f"{r['bytes_per_step'] / 1e6:.3f} | {r['seconds']:.0f} s |")
-    with open(os.path.join(workdir, RESULTS + ".md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+        lines.append(f"| {r['name']} | {r['seed']} | {r['step']} | {cells} | "
+                     f"{r['syncs']:.0f} | {r['bytes_per_step'] / 1e6:.3f} | "
+                     f"{r['seconds']:.0f} s |")
+    return lines
 
 
 def _main(argv: list[str]) -> None:
     """`--config` is a sweep config here; `--workdir` holds the variants."""
-    workdir = main_lib.pipeline_workdir(argv, "configs/diloco_cifar.py")
+    workdir = cli.pipeline_workdir(argv, "configs/pipelines/diloco_cifar.py")
     run(flags.FLAGS.config, workdir, flags.FLAGS.allow_config_change)
     writers.report(f"table: {os.path.join(workdir, RESULTS + '.md')}")
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: main_lib.guarded(_main, argv),
-            flags_parser=main_lib.parse_flags)
+    app.run(lambda argv: cli.guarded(_main, argv),
+            flags_parser=cli.parse_flags)

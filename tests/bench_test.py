@@ -1,5 +1,6 @@
 """`python -m research.bench` end to end on tiny settings (a subprocess:
-its own process), for an image and a text model; its bad flags."""
+its own process), for an image model, a recurrent and a Transformer text
+model; its bad flags."""
 import json
 import os
 import subprocess
@@ -7,12 +8,13 @@ import sys
 
 import pytest
 
-from tests import conftest
+from tests import helpers
 
 
 @pytest.mark.parametrize("config, batch, extra", [
     ("cifar_cnn.py:smoke", "8", []),
     ("shakespeare_rnn.py:smoke", "8", ["--rnn_sizes=1x16"]),
+    ("shakespeare_gpt.py:smoke", "8", []),
 ])
 def test_benchmark_reports_every_number(tmp_path, config, batch, extra):
     output = str(tmp_path / "bench.json")
@@ -20,12 +22,16 @@ def test_benchmark_reports_every_number(tmp_path, config, batch, extra):
         [sys.executable, "-m", "research.bench", f"--config=configs/{config}",
          f"--batch_sizes={batch}", "--steps=2", "--repeats=1", "--notorch",
          f"--output={output}", *extra],
-        cwd=conftest.REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": conftest.REPO})
+        cwd=helpers.REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": helpers.REPO})
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(output) as f:
-        records = json.load(f)
+        written = json.load(f)
+    records = written["records"]
     assert len(records) == 1 and records[0]["framework"] == "jax"
+    # Each file says which machine measured it (never compare two by accident).
+    about = written["about"]
+    assert about["machine"] and about["matmul_peak_flops"] > 0 and about["commit"]
     for key in ("train_per_sec", "eval_per_sec", "step_ms", "mfu"):
         assert records[0][key] > 0, records
     assert "jax/torch" in proc.stdout
@@ -42,7 +48,7 @@ def test_benchmark_reports_every_number(tmp_path, config, batch, extra):
 def test_bad_flags_are_one_line_errors(flag, message):
     proc = subprocess.run(
         [sys.executable, "-m", "research.bench", "--config=configs/cifar_cnn.py:smoke",
-         flag, "--notorch"], cwd=conftest.REPO, capture_output=True, text=True,
-        timeout=120, env={**os.environ, "PYTHONPATH": conftest.REPO})
+         flag, "--notorch"], cwd=helpers.REPO, capture_output=True, text=True,
+        timeout=120, env={**os.environ, "PYTHONPATH": helpers.REPO})
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout

@@ -1,24 +1,24 @@
 """Compression in the trainer and the pipeline: pruning resumes bitwise, the
 teacher stays out of the student, the smoke pipeline writes its table, and
 bad pipelines fail before any compute."""
-import json
 import os
 
 import jax
 import pytest
 
 from research import compress
-from research import config_lib
+from research import runner
+from research.core import config_lib
 from research import errors
-from research import experiment
+from research import assembly
 from research import train
 from research.compression import prune
-from tests import conftest
-from tests import train_test
+from research.core import writers
+from tests import helpers
 
 
 def _pruned_config(**overrides):
-    return train_test.tiny_config(**{
+    return helpers.tiny_config(**{
         "prune.sparsity": 0.75, "prune.update_every": 2, "prune.end_step": 8,
         **overrides})
 
@@ -27,18 +27,18 @@ def _pruned_config(**overrides):
 def test_pruned_weights_are_zero_and_a_resume_mid_pruning_is_bitwise(tmp_path):
     config = _pruned_config()
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train_test.mocked(train.train_and_evaluate, config, straight)
-    train_test.mocked(train.train_and_evaluate, config, resumed, stop_after_step=5)
-    train_test.mocked(train.train_and_evaluate, config, resumed)
-    a = experiment.restore_variables(config, straight).variables
-    b = experiment.restore_variables(config, resumed).variables
-    train_test.assert_trees_equal(a, b)
+    helpers.mocked(train.train_and_evaluate, config, straight)
+    helpers.mocked(train.train_and_evaluate, config, resumed, stop_after_step=5)
+    helpers.mocked(train.train_and_evaluate, config, resumed)
+    a = assembly.restore_variables(config, straight).variables
+    b = assembly.restore_variables(config, resumed).variables
+    helpers.assert_trees_equal(a, b)
     # The saved checkpoint itself has the zeros: 75% of every kernel.
     report = prune.sparsity(a["params"])
     for layer in ("Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel",
                   "Dense_1/kernel", "Dense_2/kernel"):
         assert report[layer] == pytest.approx(0.75, abs=1 / 400), (layer, report)
-    logged = [r for r in train_test.writers.read_metrics(straight)
+    logged = [r for r in writers.read_metrics(straight)
               if "prune/sparsity" in r]
     assert logged[-1]["prune/sparsity"] == pytest.approx(0.75, abs=1e-3)
     assert "prune/sparsity/Dense_0/kernel" in logged[-1]
@@ -49,9 +49,9 @@ def test_pruned_weights_stay_zero_under_lookahead_and_ema(tmp_path, extra):
     # Both blend in weights from before pruning; the saved model (the EMA's
     # variables, or the weights lookahead pulled back) must still be sparse.
     config = _pruned_config(**extra)
-    train_test.mocked(train.train_and_evaluate, config, str(tmp_path))
+    helpers.mocked(train.train_and_evaluate, config, str(tmp_path))
     report = prune.sparsity(
-        experiment.restore_variables(config, str(tmp_path)).variables["params"])
+        assembly.restore_variables(config, str(tmp_path)).variables["params"])
     for layer in ("Conv_0/kernel", "Dense_0/kernel", "Dense_2/kernel"):
         assert report[layer] == pytest.approx(0.75, abs=1 / 400), (layer, report)
 
@@ -59,25 +59,25 @@ def test_pruned_weights_stay_zero_under_lookahead_and_ema(tmp_path, extra):
 @pytest.mark.slow
 def test_distillation_keeps_the_teacher_out_and_unchanged(tmp_path):
     teacher_dir = str(tmp_path / "teacher")
-    teacher_config = train_test.tiny_config(
+    teacher_config = helpers.tiny_config(
         model="convnet", **{"model_kwargs": {"features": (8, 16), "num_classes": 10,
                                              "dropout_rate": 0.0}})
-    train_test.mocked(train.train_and_evaluate, teacher_config, teacher_dir)
-    before = experiment.restore_variables(teacher_config, teacher_dir).variables
+    helpers.mocked(train.train_and_evaluate, teacher_config, teacher_dir)
+    before = assembly.restore_variables(teacher_config, teacher_dir).variables
     mtimes = {p: os.path.getmtime(p) for p in _files(teacher_dir)}
 
     student_dir = str(tmp_path / "student")
-    config = train_test.tiny_config(objective="distill", objective_kwargs={
+    config = helpers.tiny_config(objective="distill", objective_kwargs={
         "teacher_workdir": teacher_dir, "temperature": 2.0, "alpha": 0.5,
         "teacher_step": 0})
-    result = train_test.mocked(train.train_and_evaluate, config, student_dir)
+    result = helpers.mocked(train.train_and_evaluate, config, student_dir)
     assert 0.0 <= result["eval/agreement"] <= 1.0
-    after = experiment.restore_variables(teacher_config, teacher_dir).variables
-    train_test.assert_trees_equal(before, after)
+    after = assembly.restore_variables(teacher_config, teacher_dir).variables
+    helpers.assert_trees_equal(before, after)
     assert mtimes == {p: os.path.getmtime(p) for p in _files(teacher_dir)}
     # The student's checkpoint holds the student alone: no array of the
     # teacher's shapes, and the student's own parameter count.
-    student = experiment.restore_variables(config, student_dir).variables
+    student = assembly.restore_variables(config, student_dir).variables
     assert sum(x.size for x in jax.tree.leaves(student)) == 62_006
     teacher_shapes = {x.shape for x in jax.tree.leaves(before)} - {
         x.shape for x in jax.tree.leaves(student)}
@@ -96,20 +96,20 @@ def _files(workdir):
 
 
 def test_missing_or_mismatched_teacher_fails_before_compute(tmp_path):
-    config = train_test.tiny_config(objective="distill", objective_kwargs={
+    config = helpers.tiny_config(objective="distill", objective_kwargs={
         "teacher_workdir": str(tmp_path / "nowhere"), "temperature": 2.0,
         "alpha": 0.5, "teacher_step": 0})
     with pytest.raises(errors.UserError, match=r"objective_kwargs.teacher_workdir="
                        r".*nowhere' holds no trained run \(no config.json\)"):
-        train_test.mocked(train.train_and_evaluate, config, str(tmp_path / "s"))
+        helpers.mocked(train.train_and_evaluate, config, str(tmp_path / "s"))
     text_teacher = str(tmp_path / "text")
     os.makedirs(text_teacher)
-    text = config_lib.load_config(os.path.join(conftest.CONFIGS,
+    text = config_lib.load_config(os.path.join(helpers.CONFIGS,
                                                "shakespeare_rnn.py:smoke"))
     config_lib.save_config(text, text_teacher)
     config.objective_kwargs.teacher_workdir = text_teacher
     with pytest.raises(errors.UserError, match="was trained on 'tiny_shakespeare'"):
-        train_test.mocked(train.train_and_evaluate, config, str(tmp_path / "s2"))
+        helpers.mocked(train.train_and_evaluate, config, str(tmp_path / "s2"))
     assert not os.path.exists(tmp_path / "s2" / "checkpoints")
 
 
@@ -121,7 +121,7 @@ def test_missing_or_mismatched_teacher_fails_before_compute(tmp_path):
 ])
 def test_bad_pipelines_fail_before_compute(tmp_path, key, value, message):
     config = config_lib.load_config(
-        os.path.join(conftest.CONFIGS, "compress_cifar.py:smoke"), {key: value})
+        os.path.join(helpers.CONFIGS, "pipelines/compress_cifar.py:smoke"), {key: value})
     with pytest.raises(errors.UserError, match=message):
         compress.run(config, str(tmp_path))
     assert not os.listdir(tmp_path)
@@ -129,28 +129,27 @@ def test_bad_pipelines_fail_before_compute(tmp_path, key, value, message):
 
 def test_bad_sparsity_in_a_training_config_fails_before_compute():
     with pytest.raises(errors.UserError, match=r"prune.sparsity must be in \[0, 1\)"):
-        config_lib.validate(train_test.tiny_config(**{"prune.sparsity": 1.5}))
+        assembly.validate(helpers.tiny_config(**{"prune.sparsity": 1.5}))
 
 
 @pytest.mark.slow
 def test_smoke_pipeline_writes_the_table(tmp_path):
     """Every stage on mocked CIFAR-10 (48 examples): the rows and both files."""
     config = config_lib.load_config(
-        os.path.join(conftest.CONFIGS, "compress_cifar.py:smoke"),
+        os.path.join(helpers.CONFIGS, "pipelines/compress_cifar.py:smoke"),
         {"data_dir": "/nonexistent/tfds", "train_split": "train",
          "eval_split": "test", "prune.levels": (0.5,), "prune.compose_level": 0.5,
          "fine_tune.student.prune_update_every": 1,
          "fine_tune.teacher.prune_update_every": 1, "student.overrides.batch_size": 8,
          "teacher.overrides.batch_size": 8})
     workdir = str(tmp_path / "pipeline")
-    rows = train_test.mocked(compress.run, config, workdir)
+    rows = helpers.mocked(compress.run, config, workdir)
     names = [r.name for r in rows]
     assert names == ["teacher", "student_seed0", "distill_seed0",
                      "prune_student_50", "prune_teacher_50", "teacher_int8",
                      "student_seed0_int8", "qat_teacher_int8", "qat_student_int8",
                      "prune_student_50_int8", "prune_teacher_50_int8"]
-    with open(os.path.join(workdir, "compression_results.json")) as f:
-        saved = json.load(f)
+    saved = runner.read_rows(os.path.join(workdir, "compression_results.json"))
     assert [r["name"] for r in saved] == names
     by_name = {r.name: r for r in rows}
     assert by_name["prune_student_50"].nonzeros < 0.55 * by_name["student_seed0"].params
@@ -159,15 +158,14 @@ def test_smoke_pipeline_writes_the_table(tmp_path):
     assert by_name["student_seed0_int8"].bytes <= 0.27 * by_name["student_seed0"].bytes
     with open(os.path.join(workdir, "compression_results.md")) as f:
         table = f.read()
-    assert table.count("\n") == len(rows) + 2
+    assert table.count("\n") == len(rows) + 5  # 3 lines of provenance
     assert all(0.0 <= r.accuracy <= 1.0 and r.eval_images_per_s > 0 for r in rows)
 
 
 def test_the_measured_table_in_docs_is_in_the_pipelines_format():
     """docs/results/compression_results.json (the notebook's default) is a
     table `research.compress` wrote: every row rebuilds a `Row`."""
-    path = os.path.join(conftest.REPO, "docs", "results", "compression_results.json")
-    with open(path) as f:
-        rows = [compress.Row(**r) for r in json.load(f)]
+    path = os.path.join(helpers.REPO, "docs", "results", "compression_results.json")
+    rows = [compress.Row(**r) for r in runner.read_rows(path)]
     assert {r.stage for r in rows} >= {"baseline", "distill", "prune", "ptq"}
     assert all(0.0 < r.accuracy < 1.0 and r.nonzeros <= r.params for r in rows)

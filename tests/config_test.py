@@ -8,12 +8,15 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from research import config_lib
+from research import assembly
+from research.core import config_lib
 from research import errors
-from tests import conftest
+from tests import helpers
 
-CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(conftest.CONFIGS, "*.py"))
-                      if not p.endswith("__init__.py"))
+CONFIG_FILES = sorted(
+    p for pattern in ("*.py", "pipelines/*.py")
+    for p in glob.glob(os.path.join(helpers.CONFIGS, pattern))
+    if not p.endswith("__init__.py"))
 PRESETS = {"cifar_cnn.py": ["", "smoke"], "cifar_convnet.py": ["", "smoke"],
            "shakespeare_rnn.py": ["", "cpu", "smoke"],
            "cifar_fast.py": ["", "gpu", "cpu", "smoke"],
@@ -46,9 +49,9 @@ def test_every_config_and_preset_loads_and_validates(path):
             from research import sweep  # pylint: disable=g-import-not-at-top
             assert set(config.order) <= set(config.variants), config.order
             for name in config.variants:
-                config_lib.validate(sweep.variant_config(config, name))
+                assembly.validate(sweep.variant_config(config, name))
         else:
-            config_lib.validate(config)
+            assembly.validate(config)
 
 
 def test_every_config_has_declared_presets():
@@ -56,14 +59,14 @@ def test_every_config_has_declared_presets():
 
 
 def test_seed_recipe():
-    config = config_lib.load_config(os.path.join(conftest.CONFIGS, "cifar_cnn.py"))
+    config = config_lib.load_config(os.path.join(helpers.CONFIGS, "cifar_cnn.py"))
     assert (config.model, config.optimizer, config.batch_size, config.num_epochs,
             config.learning_rate, config.momentum) == (
                 "lenet", "sgd", 4, 10, 0.001, 0.9)
 
 
 def test_command_line_overrides_apply():
-    config = _parse(f"--config={conftest.CONFIGS}/cifar_cnn.py",
+    config = _parse(f"--config={helpers.CONFIGS}/cifar_cnn.py",
                     "--config.batch_size=128", "--config.num_epochs=2",
                     "--config.learning_rate=0.01", "--config.seed=1",
                     "--config.model_kwargs.num_classes=5")
@@ -77,16 +80,16 @@ def test_command_line_overrides_apply():
 ])
 def test_bad_command_line_types_fail(override, message):
     with pytest.raises(flags.IllegalFlagValueError, match=message):
-        _parse(f"--config={conftest.CONFIGS}/cifar_cnn.py", override)
+        _parse(f"--config={helpers.CONFIGS}/cifar_cnn.py", override)
 
 
 def test_unknown_command_line_field_fails_with_suggestion():
     with pytest.raises(AttributeError, match='Did you mean "batch_size"'):
-        _parse(f"--config={conftest.CONFIGS}/cifar_cnn.py", "--config.batch_sise=8")
+        _parse(f"--config={helpers.CONFIGS}/cifar_cnn.py", "--config.batch_sise=8")
 
 
 def test_python_overrides_are_checked():
-    path = os.path.join(conftest.CONFIGS, "cifar_cnn.py")
+    path = os.path.join(helpers.CONFIGS, "cifar_cnn.py")
     config = config_lib.load_config(path, {"batch_size": 16,
                                            "model_kwargs.num_classes": 4})
     assert config.batch_size == 16 and config.model_kwargs.num_classes == 4
@@ -110,14 +113,14 @@ def test_python_overrides_are_checked():
     ("momentum", 1.5, r"momentum must be in \[0, 1\)"),
 ])
 def test_validate_rejects_bad_values(key, value, message):
-    config = config_lib.load_config(os.path.join(conftest.CONFIGS, "cifar_cnn.py"))
+    config = config_lib.load_config(os.path.join(helpers.CONFIGS, "cifar_cnn.py"))
     setattr(config, key, value)
     with pytest.raises(errors.UserError, match=message):
-        config_lib.validate(config)
+        assembly.validate(config)
 
 
 def test_saved_config_round_trips(tmp_path):
-    config = config_lib.load_config(os.path.join(conftest.CONFIGS, "cifar_cnn.py"))
+    config = config_lib.load_config(os.path.join(helpers.CONFIGS, "cifar_cnn.py"))
     config_lib.save_config(config, str(tmp_path))
     assert config_lib.load_workdir_config(str(tmp_path)).to_dict() == config.to_dict()
     with pytest.raises(errors.UserError, match="holds no run"):

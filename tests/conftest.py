@@ -1,4 +1,5 @@
-"""Test setup: CPU only, quiet TensorFlow, shared helpers as fixtures."""
+"""Test setup: CPU only, quiet TensorFlow, one compilation cache, no leaked
+processes. Helpers shared by the test files are in tests/helpers.py."""
 import os
 import subprocess
 import tempfile
@@ -16,9 +17,6 @@ _CACHE = tempfile.mkdtemp(prefix="research-tests-")
 os.environ.setdefault("RESEARCH_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE, "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(REPO, "configs")
 
 
 @pytest.fixture(autouse=True)

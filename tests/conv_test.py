@@ -14,7 +14,7 @@ import pytest
 from research import errors
 from research import kernels
 from research import models
-from research import state as state_lib
+from research.core import state as state_lib
 from research.kernels import conv as bmc
 
 if not kernels.available():

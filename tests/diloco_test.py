@@ -1,4 +1,4 @@
-"""DiLoCo (research/diloco.py) on 8 simulated devices and 2 real processes.
+"""DiLoCo (research/parallel/diloco.py) on 8 simulated devices and 2 real processes.
 
 Multi-device checks run in subprocesses: the device count is fixed when JAX
 starts. One worker runs the in-process checks and reports them as JSON.
@@ -15,9 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests import conftest
-from tests import parallel_test
-from tests import train_test
+from tests import helpers
 
 DILOCO = {"data_parallel.scheme": "diloco", "data_parallel.replicas": 4}
 # H = 1, outer SGD lr 1 without momentum: synchronous SGD, up to rounding.
@@ -87,45 +85,47 @@ def _cross_replica_collectives(hlo: str, devices: int, replicas: int) -> list[st
 
 def _worker(workdir: str) -> dict:
     import functools  # pylint: disable=g-import-not-at-top
-    from research import diloco, experiment, parallel, steps, train  # noqa: E401
-    from tests import rnn_test  # pylint: disable=g-import-not-at-top
+    from research import mesh as mesh_lib
+    from research.parallel import diloco
+    from research import assembly, train  # noqa: E401
+    from research.core import steps  # noqa: E401
     assert jax.device_count() == 8
     out = {}
-    one = parallel.create_mesh(1)
+    one = mesh_lib.create_mesh(1)
 
     def params(config, run_dir):
-        return experiment.restore_variables(config, run_dir, mesh=one).variables
+        return assembly.restore_variables(config, run_dir, mesh=one).variables
 
     # H = 1 equals synchronous training: LeNet and the character LSTM.
     for name, make, run in (
-            ("lenet", lambda **o: train_test.tiny_config(
+            ("lenet", lambda **o: helpers.tiny_config(
                 num_devices=8, batch_size=16, learning_rate=0.01, **o),
-             train_test.mocked),
+             helpers.mocked),
             # Plain SGD inside (Adam's and clipping's updates are not linear
             # in the gradient: K replicas' mean update differs from sync's).
-            ("char_rnn", lambda **o: rnn_test.tiny_config(
+            ("char_rnn", lambda **o: helpers.rnn_tiny_config(
                 num_devices=4, batch_size=8, eval_batch_size=4, optimizer="sgd",
                 learning_rate=0.5, grad_clip_norm=0.0, lr_schedule="constant",
                 warmup_steps=0, **{"model_kwargs.dropout_rate": 0.0}, **o),
-             rnn_test.mocked)):
+             helpers.rnn_mocked)):
         variables = {}
         for scheme, overrides in (("sync", {"momentum": 0.0}), ("diloco", AS_SYNC)):
             config = make(**overrides)
             run_dir = os.path.join(workdir, f"{name}_{scheme}")
             run(train.train_and_evaluate, config, run_dir)
             variables[scheme] = params(config, run_dir)
-        out[name] = parallel_test._max_diff(variables["sync"], variables["diloco"])  # pylint: disable=protected-access
+        out[name] = helpers.max_diff(variables["sync"], variables["diloco"])
 
     # The compiled inner step: no collective between replicas (K = 4 of 2
     # devices, K = 8 of 1); the outer step: collectives across them.
     for k in (4, 8):
-        config = train_test.tiny_config(num_devices=8, batch_size=16, **{
+        config = helpers.tiny_config(num_devices=8, batch_size=16, **{
             **DILOCO, "data_parallel.replicas": k})
-        exp = experiment.build(config)
-        state = train_test.mocked(lambda: train.Trainer(exp, workdir, []).state)
+        exp = assembly.build(config)
+        state = exp.create_state(jax.random.key(0), total_steps=100)
         batch = {"image": jax.numpy.zeros((16, 32, 32, 3)),
                  "label": jax.numpy.zeros((16,), jax.numpy.int32)}
-        batch = jax.device_put(batch, parallel.batch_sharded(exp.mesh))
+        batch = jax.device_put(batch, mesh_lib.batch_sharded(exp.mesh))
         inner = functools.partial(steps.train_step, objective=exp.objective)
         with jax.set_mesh(exp.mesh):
             hlo_inner = jax.jit(functools.partial(
@@ -144,8 +144,8 @@ def _worker(workdir: str) -> dict:
 def eight_devices(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("diloco8"))
     proc = subprocess.run(
-        [sys.executable, __file__, "worker", workdir], env=parallel_test._env(8),  # pylint: disable=protected-access
-        cwd=conftest.REPO, capture_output=True, text=True, timeout=900)
+        [sys.executable, __file__, "worker", workdir], env=helpers.device_env(8),
+        cwd=helpers.REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -153,7 +153,7 @@ def eight_devices(tmp_path_factory):
 @pytest.mark.parametrize("model", ["lenet", "char_rnn"])
 def test_one_step_periods_with_plain_outer_sgd_equal_synchronous_training(
         eight_devices, model):
-    assert eight_devices[model] < parallel_test.TOLERANCE, eight_devices[model]
+    assert eight_devices[model] < helpers.TOLERANCE, eight_devices[model]
 
 
 def test_inner_steps_never_talk_across_replicas(eight_devices):
@@ -169,17 +169,18 @@ def test_inner_steps_never_talk_across_replicas(eight_devices):
 
 
 def test_communication_is_counted_from_the_schedule():
-    from research import diloco  # pylint: disable=g-import-not-at-top
+    from research.parallel import diloco  # pylint: disable=g-import-not-at-top
     params = {"w": np.zeros((10, 10), np.float32), "b": np.zeros(10, np.float32)}
     opts = diloco.Options(replicas=4, sync_every=16, outer_learning_rate=0.7,
                           outer_momentum=0.9, delayed=False)
     state = diloco.DilocoState(inner=None, outer_params=params, outer_model_state={},
                                outer_opt_state=None, pending=None, anchor={},
                                final_step=70, options=opts)
-    assert diloco.communication(state, 64, 8, final_step=70) == {
+    scheme = diloco.Diloco(opts)
+    assert scheme.communication(state, 64, 8, final_step=70) == {
         "comm/syncs": 4.0, "comm/bytes_per_step": 440 * 4 / 64}
     # The last sync, after the final step (70 = 4 * 16 + 6), counts too.
-    assert diloco.communication(state, 70, 8, final_step=70)["comm/syncs"] == 5.0
+    assert scheme.communication(state, 70, 8, final_step=70)["comm/syncs"] == 5.0
 
 
 @pytest.mark.parametrize("delayed", [False, True])
@@ -194,54 +195,59 @@ def test_one_replica_with_plain_outer_sgd_is_plain_training(tmp_path, delayed):
                  "data_parallel.sync_every": 5, "data_parallel.delayed": delayed,
                  "momentum": 0.9}
     runs = {}
-    for name, config in (("sync", train_test.tiny_config()),
-                         ("diloco", train_test.tiny_config(**overrides))):
-        train_test.mocked(train.train_and_evaluate, config, str(tmp_path / name))
-        runs[name] = train_test.final_params(config, str(tmp_path / name))
-    assert parallel_test._max_diff(runs["sync"], runs["diloco"]) < (  # pylint: disable=protected-access
-        parallel_test.TOLERANCE)
+    for name, config in (("sync", helpers.tiny_config()),
+                         ("diloco", helpers.tiny_config(**overrides))):
+        helpers.mocked(train.train_and_evaluate, config, str(tmp_path / name))
+        runs[name] = helpers.final_params(config, str(tmp_path / name))
+    assert helpers.max_diff(runs["sync"], runs["diloco"]) < helpers.TOLERANCE
 
 
 def test_wall_clock_model_charges_syncs_and_hides_delayed_ones():
-    from research import diloco  # pylint: disable=g-import-not-at-top
+    from research.parallel import wallclock  # pylint: disable=g-import-not-at-top
     # 4 participants, 8 MB over 8 Gbit/s (1 GB/s), no latency: 2 * 3 * 2 ms.
-    assert diloco.allreduce_seconds(8e6, 4, 8.0, 0.0) == pytest.approx(0.012)
-    sync = diloco.modeled_step_seconds(0.1, 8e6, 4, 8.0, 0.0)
-    every_16 = diloco.modeled_step_seconds(0.1, 8e6, 4, 8.0, 0.0, sync_every=16)
-    delayed = diloco.modeled_step_seconds(0.1, 8e6, 4, 8.0, 0.0, sync_every=16,
+    assert wallclock.allreduce_seconds(8e6, 4, 8.0, 0.0) == pytest.approx(0.012)
+    sync = wallclock.modeled_step_seconds(0.1, 8e6, 4, 8.0, 0.0)
+    every_16 = wallclock.modeled_step_seconds(0.1, 8e6, 4, 8.0, 0.0, sync_every=16)
+    delayed = wallclock.modeled_step_seconds(0.1, 8e6, 4, 8.0, 0.0, sync_every=16,
                                           delayed=True)
     assert sync == pytest.approx(0.112) and every_16 == pytest.approx(0.10075)
     assert delayed == 0.1  # 12 ms of all-reduce hide behind 1.6 s of compute
-    assert "| 1024 | 100 Gbit/s |" in diloco.wall_clock_table(0.1, 8e6, latency_s=1e-4)
+    assert "| 1024 | 100 Gbit/s |" in wallclock.wall_clock_table(0.1, 8e6, latency_s=1e-4)
 
 
 def test_sweep_table_sets_each_variant_beside_the_first(tmp_path):
-    from research import sweep  # pylint: disable=g-import-not-at-top
-    rows = [{"name": "sync", "step": 8, "eval/accuracy": 0.5, "syncs": 8.0,
-             "bytes_per_step": 4e6, "seconds": 10.0},
-            {"name": "diloco_h4", "step": 8, "eval/accuracy": 0.45, "syncs": 2.0,
-             "bytes_per_step": 1e6, "seconds": 9.0}]
-    sweep.write_results(rows, str(tmp_path))
-    table = (tmp_path / "sweep_results.md").read_text().splitlines()
-    assert table[-1] == ("| diloco_h4 | 8 | 0.4500 (-0.0500) | 2 | 1.000 | 9 s |")
-    assert json.loads((tmp_path / "sweep_results.json").read_text()) == rows
+    from research import runner, sweep  # pylint: disable=g-import-not-at-top
+    rows = [{"name": "sync", "step": 8, "seed": 0, "eval/accuracy": 0.5,
+             "syncs": 8.0, "bytes_per_step": 4e6, "seconds": 10.0},
+            {"name": "diloco_h4", "step": 8, "seed": 0, "eval/accuracy": 0.45,
+             "syncs": 2.0, "bytes_per_step": 1e6, "seconds": 9.0}]
+    table = runner.Runner(str(tmp_path), sweep.RESULTS, sweep.render)
+    for row in rows:
+        table.add(row)
+    lines = (tmp_path / "sweep_results.md").read_text().splitlines()
+    assert lines[-1] == "| diloco_h4 | 0 | 8 | 0.4500 (-0.0500) | 2 | 1.000 | 9 s |"
+    assert lines[0].startswith("<!-- written by: ") and "commit " in lines[1]
+    written = json.loads((tmp_path / "sweep_results.json").read_text())
+    assert written["rows"] == rows == runner.read_rows(
+        str(tmp_path / "sweep_results.json"))
+    assert set(written["about"]) == {"command", "commit", "machine", "date"}
 
 
 def test_bad_options_are_named():
     from research import errors  # pylint: disable=g-import-not-at-top
     with pytest.raises(errors.UserError, match="scheme='diloco' does not combine"):
-        train_test.mocked(lambda: __import__("research.experiment").experiment.build(
-            train_test.tiny_config(**DILOCO, ema_decay=0.9)))
+        helpers.mocked(lambda: __import__("research.assembly").assembly.build(
+            helpers.tiny_config(**DILOCO, ema_decay=0.9)))
     with pytest.raises(errors.UserError, match="choose from"):
-        train_test.mocked(lambda: __import__("research.experiment").experiment.build(
-            train_test.tiny_config(**{"data_parallel.scheme": "gossip"})))
+        helpers.mocked(lambda: __import__("research.assembly").assembly.build(
+            helpers.tiny_config(**{"data_parallel.scheme": "gossip"})))
 
 
 # --- through main, in processes ---------------------------------------------
 
 def _args(workdir, data_dir, *extra):
     from tests import tiny_tfds  # pylint: disable=g-import-not-at-top
-    return [f"--config={train_test.SMOKE}", f"--workdir={workdir}",
+    return [f"--config={helpers.SMOKE}", f"--workdir={workdir}",
             "--config.train_split=train", "--config.eval_split=test",
             f"--config.dataset={tiny_tfds.NAME}", f"--config.data_dir={data_dir}",
             "--config.data_parallel.scheme=diloco", "--config.data_parallel.replicas=2",
@@ -263,31 +269,32 @@ def test_resume_between_syncs_after_sigkill_is_bitwise(tmp_path, delayed):
     """Killed after a checkpoint in the middle of a period (checkpoints every
     3 steps, syncs every 4), the rerun ends where an uninterrupted run does
     (delayed: the pending change and the replicas' anchors restored too)."""
-    from research import config_lib, experiment  # pylint: disable=g-import-not-at-top
+    from research.core import config_lib  # pylint: disable=g-import-not-at-top
+    from research import assembly  # pylint: disable=g-import-not-at-top
     data_dir = _tiny_data(tmp_path)
     long_run = ("--config.num_epochs=40", "--config.checkpoint_every_steps=3",
                 "--config.log_every_steps=1000",
                 f"--config.data_parallel.delayed={delayed}")
     workdir = str(tmp_path / "killed")
     log = str(tmp_path / "killed.log")
-    proc = parallel_test._spawn(_args(workdir, data_dir, *long_run), 8, log)  # pylint: disable=protected-access
+    proc = helpers.spawn_main(_args(workdir, data_dir, *long_run), 8, log)
     deadline = time.time() + 240
     while not (os.path.isdir(os.path.join(workdir, "checkpoints"))
-               and [s for s in train_test.saved_steps(workdir) if s % 4]):
+               and [s for s in helpers.saved_steps(workdir) if s % 4]):
         assert proc.poll() is None and time.time() < deadline, open(log).read()[-3000:]
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert train_test.saved_steps(workdir)[-1] < 240  # killed before the end
-    assert parallel_test._spawn(_args(workdir, data_dir, *long_run), 8, log).wait(  # pylint: disable=protected-access
+    assert helpers.saved_steps(workdir)[-1] < 240  # killed before the end
+    assert helpers.spawn_main(_args(workdir, data_dir, *long_run), 8, log).wait(
         timeout=300) == 0, open(log).read()[-3000:]
     straight = str(tmp_path / "straight")
-    assert parallel_test._spawn(_args(straight, data_dir, *long_run), 8, log).wait(  # pylint: disable=protected-access
+    assert helpers.spawn_main(_args(straight, data_dir, *long_run), 8, log).wait(
         timeout=300) == 0, open(log).read()[-3000:]
     config = config_lib.load_workdir_config(straight)
-    train_test.assert_trees_equal(
-        experiment.restore_variables(config, workdir).variables,
-        experiment.restore_variables(config, straight).variables)
+    helpers.assert_trees_equal(
+        assembly.restore_variables(config, workdir).variables,
+        assembly.restore_variables(config, straight).variables)
     # (Equal outer parameters long after the kill: the replicas' states and
     # the outer optimizer's, which feed every later sync, were restored too.)
 
@@ -297,12 +304,13 @@ def test_two_processes_save_and_eight_devices_resume(tmp_path):
     train 6 steps; one process with 8 devices extends the run to step 12 and
     matches the same extension on 2 processes, up to reduction order. (Both
     end step 6 with the last sync, so a run straight to 12 differs.)"""
-    from research import config_lib, experiment  # pylint: disable=g-import-not-at-top
+    from research.core import config_lib  # pylint: disable=g-import-not-at-top
+    from research import assembly  # pylint: disable=g-import-not-at-top
     data_dir = _tiny_data(tmp_path)
 
     def two(workdir, epochs, name):
-        port = parallel_test._free_port()  # pylint: disable=protected-access
-        procs = [parallel_test._spawn(_args(  # pylint: disable=protected-access
+        port = helpers.free_port()
+        procs = [helpers.spawn_main(_args(
             workdir, data_dir, f"--config.num_epochs={epochs}",
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
             "--distributed_timeout_s=60", f"--process_id={i}"), 2,
@@ -312,21 +320,21 @@ def test_two_processes_save_and_eight_devices_resume(tmp_path):
 
     split = str(tmp_path / "split")
     two(split, 1, "first")     # 48 examples at batch 8: 6 steps an epoch
-    assert train_test.saved_steps(split)[-1] == 6
+    assert helpers.saved_steps(split)[-1] == 6
     log = str(tmp_path / "eight.log")
-    assert parallel_test._spawn(_args(split, data_dir, "--config.num_epochs=2"),  # pylint: disable=protected-access
-                                8, log).wait(timeout=300) == 0, open(log).read()[-3000:]
+    assert helpers.spawn_main(_args(split, data_dir, "--config.num_epochs=2"),
+                              8, log).wait(timeout=300) == 0, open(log).read()[-3000:]
     straight = str(tmp_path / "straight")
     two(straight, 1, "straight")
     two(straight, 2, "straight")
     config = config_lib.load_workdir_config(straight)
-    resumed = experiment.restore_variables(config, split)
+    resumed = assembly.restore_variables(config, split)
     assert resumed.step == 12
-    assert parallel_test._max_diff(  # pylint: disable=protected-access
-        resumed.variables, experiment.restore_variables(config, straight).variables
-    ) < parallel_test.TOLERANCE
+    assert helpers.max_diff(
+        resumed.variables, assembly.restore_variables(config, straight).variables
+    ) < helpers.TOLERANCE
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
-    sys.path.insert(0, conftest.REPO)
+    sys.path.insert(0, helpers.REPO)
     print(json.dumps(_worker(sys.argv[2])))

@@ -10,17 +10,16 @@ import numpy as np
 import optax
 import pytest
 
-from research import augment
-from research import config_lib
-from research import experiment
+from research.core import augment
+from research.core import config_lib
+from research import assembly
 from research import models
-from research import optimizers
-from research import state as state_lib
+from research.core import optimizers
+from research.core import state as state_lib
 from research import train
-from tests import conftest
-from tests import train_test
+from tests import helpers
 
-FAST = os.path.join(conftest.CONFIGS, "cifar_fast.py")
+FAST = os.path.join(helpers.CONFIGS, "cifar_fast.py")
 
 
 def _options(**overrides):
@@ -137,7 +136,7 @@ def test_batch_norm_statistics_move_in_training_and_freeze_in_evaluation():
                          variables["batch_stats"], updated["batch_stats"])
     assert all(jax.tree.leaves(moved))
     out = model.apply(variables, x, train=False, mutable=["batch_stats"])[1]
-    train_test.assert_trees_equal(out["batch_stats"], variables["batch_stats"])
+    helpers.assert_trees_equal(out["batch_stats"], variables["batch_stats"])
     assert "scale" not in variables["params"]["block0_norm1"]  # bias only
 
 
@@ -236,8 +235,8 @@ PLAIN = {"objective_kwargs.label_smoothing": 0.0, "augment.flip": "none",
 @pytest.mark.parametrize("name", sorted(TECHNIQUES))
 def test_each_technique_alone_runs(name, tmp_path):
     config = _fast_config(**{**PLAIN, **TECHNIQUES[name]})
-    result = train_test.mocked(train.train_and_evaluate, config, str(tmp_path),
-                               stop_after_step=1 if name != "tta" else None)
+    result = helpers.mocked(train.train_and_evaluate, config, str(tmp_path),
+                            stop_after_step=1 if name != "tta" else None)
     assert np.isfinite(result.get("eval/loss", 0.0))
 
 
@@ -245,13 +244,13 @@ def test_each_technique_alone_runs(name, tmp_path):
 def test_smoke_preset_resumes_bitwise_with_statistics_and_lookahead(tmp_path):
     config = _fast_config(**{"ema_decay": 0.5})
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
-    result = train_test.mocked(train.train_and_evaluate, config, straight)
-    train_test.mocked(train.train_and_evaluate, config, resumed, stop_after_step=7)
-    train_test.mocked(train.train_and_evaluate, config, resumed)
-    a = experiment.restore_variables(config, straight).variables
-    b = experiment.restore_variables(config, resumed).variables
+    result = helpers.mocked(train.train_and_evaluate, config, straight)
+    helpers.mocked(train.train_and_evaluate, config, resumed, stop_after_step=7)
+    helpers.mocked(train.train_and_evaluate, config, resumed)
+    a = assembly.restore_variables(config, straight).variables
+    b = assembly.restore_variables(config, resumed).variables
     assert "batch_stats" in a
-    train_test.assert_trees_equal(a, b)
+    helpers.assert_trees_equal(a, b)
     assert 0.0 <= result["eval/accuracy"] <= 1.0
 
 

@@ -8,11 +8,11 @@ import subprocess
 import sys
 import time
 
-from tests import conftest
+from tests import helpers
 
 _CHILD = """
 import os, signal, sys, threading, time
-from research import loop
+from research.core import loop
 hang, grace, signals = sys.argv[1] == "hang", float(sys.argv[2]), int(sys.argv[3])
 with loop.Preemption(grace_s=grace) as preemption:
     assert not preemption.requested()
@@ -33,7 +33,7 @@ print("exited the loop", flush=True)
 def _run(mode, grace_s, signals):
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", _CHILD, mode, str(grace_s),
-                           str(signals)], cwd=conftest.REPO, capture_output=True,
+                           str(signals)], cwd=helpers.REPO, capture_output=True,
                           text=True, timeout=120)
     return proc, time.monotonic() - start
 

@@ -6,7 +6,7 @@ from absl.testing import absltest
 
 from research import errors
 from research import models
-from research import state as state_lib
+from research.core import state as state_lib
 
 
 class LeNetTest(absltest.TestCase):

@@ -16,9 +16,9 @@ import pytest
 from jupyter_client import kernelspec
 from jupyter_client import manager
 
-from tests import conftest
+from tests import helpers
 
-NOTEBOOKS = os.path.join(conftest.REPO, "notebooks")
+NOTEBOOKS = os.path.join(helpers.REPO, "notebooks")
 # File name -> environment variables for its run.
 EXECUTED = {
     "foundations.ipynb": {},
@@ -70,13 +70,13 @@ def test_notebook_runs(name, kernel_manager, tmp_path, monkeypatch):
     if name == "compression.ipynb":
         _write_results(tmp_path)
     for key, value in {"MPLBACKEND": "Agg", "JAX_PLATFORMS": "cpu",
-                       "PYTHONPATH": conftest.REPO,  # this checkout's `research`
+                       "PYTHONPATH": helpers.REPO,  # this checkout's `research`
                        **EXECUTED[name]}.items():
         monkeypatch.setenv(key, value.format(tmp_path=tmp_path))
     notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     client = nbclient.NotebookClient(
         notebook, km=kernel_manager, timeout=CELL_TIMEOUT_S,
-        resources={"metadata": {"path": conftest.REPO}})
+        resources={"metadata": {"path": helpers.REPO}})
     start = time.perf_counter()
     client.execute(cleanup_kc=True)  # a passed-in manager is otherwise left running
     seconds = time.perf_counter() - start
@@ -89,7 +89,8 @@ def test_notebook_runs(name, kernel_manager, tmp_path, monkeypatch):
 
 def _write_results(directory):
     """A compression table like `research.compress` writes, of two models."""
-    from research import compress  # pylint: disable=g-import-not-at-top
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    from research import compress, runner  # pylint: disable=g-import-not-at-top
     rows = []
     for model, params, accuracy in (("teacher", 1_000_000, 0.9),
                                     ("student", 62_006, 0.6)):
@@ -102,7 +103,9 @@ def _write_results(directory):
                 4 * params, int(4 * params * (1.1 - level)), 1000.0, ""))
         rows.append(compress.Row(f"{model}_int8", model, "ptq", accuracy - 0.005,
                                  params, params, params, params, 900.0, ""))
-    compress.write_results(rows, str(directory))
+    table = runner.Runner(str(directory), compress.RESULTS, compress.render)
+    for row in rows:
+        table.add(dataclasses.asdict(row))
 
 
 @pytest.mark.parametrize("path", notebook_paths(), ids=os.path.basename)

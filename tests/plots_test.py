@@ -222,17 +222,17 @@ def test_training_and_plot_mode_write_plots_of_a_real_run(tmp_path):
     """A smoke run (mocked CIFAR-10) leaves its plots, confusion matrix
     included; `--mode=plot` redraws them for the workdir."""
     from research import evaluate, train  # pylint: disable=g-import-not-at-top
-    from tests import train_test  # pylint: disable=g-import-not-at-top
+    from tests import helpers  # pylint: disable=g-import-not-at-top
     workdir = str(tmp_path / "run")
-    config = train_test.tiny_config()
-    train_test.mocked(train.train_and_evaluate, config, workdir)
+    config = helpers.tiny_config()
+    helpers.mocked(train.train_and_evaluate, config, workdir)
     expected = {"loss.png", "accuracy.png", "learning_rate.png",
                 "confusion_matrix.png"}
     plot_dir = os.path.join(workdir, "plots")
     assert set(os.listdir(plot_dir)) == expected
     for name in expected:
         os.remove(os.path.join(plot_dir, name))
-    paths = train_test.mocked(evaluate.plot, config, workdir)
+    paths = helpers.mocked(evaluate.plot, config, workdir)
     assert set(names(paths)) == expected
     for path in paths:
         assert_readable_png(path)
@@ -242,9 +242,9 @@ def test_summary_matches_hand_counts_for_lenet():
     """62,006 parameters and 651,720 multiply-adds (1,303,440 FLOPs) forward
     per image, by layer as counted by hand."""
     from research import summary  # pylint: disable=g-import-not-at-top
-    from tests import train_test  # pylint: disable=g-import-not-at-top
-    config = train_test.tiny_config()
-    result = train_test.mocked(summary.summarize, config, timed_steps=1)
+    from tests import helpers  # pylint: disable=g-import-not-at-top
+    config = helpers.tiny_config()
+    result = helpers.mocked(summary.summarize, config, timed_steps=1)
     assert result["params"] == 62_006
     assert result["macs_per_example"] == 651_720
     assert result["macs_by_layer"] == {
@@ -259,10 +259,11 @@ def test_summary_matches_hand_counts_for_lenet():
 def test_summary_counts_the_lstm_time_loop():
     """XLA counts a loop's body once; the count multiplies it by the length:
     per window, T (x_t W_x + h W_hh) per layer, the head, the token table."""
-    from research import config_lib, costs, experiment  # pylint: disable=g-import-not-at-top
-    from tests import conftest  # pylint: disable=g-import-not-at-top
-    config = config_lib.load_config(f"{conftest.CONFIGS}/shakespeare_rnn.py")
-    macs = costs.forward_macs(experiment.build(config, info={}))
+    from research.core import config_lib  # pylint: disable=g-import-not-at-top
+    from research import costs, assembly  # pylint: disable=g-import-not-at-top
+    from tests import helpers  # pylint: disable=g-import-not-at-top
+    config = config_lib.load_config(f"{helpers.CONFIGS}/shakespeare_rnn.py")
+    macs = costs.forward_macs(assembly.build(config, info={}))
     t, h, e, v = 128, 512, 64, 65
     assert macs == {"CharRNN/input_0": v * e * 4 * h, "CharRNN/cell_0": t * h * 4 * h,
                     "CharRNN/input_1": t * h * 4 * h, "CharRNN/cell_1": t * h * 4 * h,

@@ -3,11 +3,11 @@ import os
 
 import pytest
 
-from research import config_lib
+from research.core import config_lib
 from research import errors
-from research import input_pipeline
+from research.data import input_pipeline
 from research import train
-from tests import conftest
+from tests import helpers
 
 DATA_DIR = os.environ.get("TFDS_DATA_DIR", "")
 pytestmark = pytest.mark.skipif(
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
     reason=f"real CIFAR-10 not prepared under $TFDS_DATA_DIR={DATA_DIR!r} "
            "(CI sets it to ../shared/tensorflow_datasets)")
 
-CONFIG = os.path.join(conftest.CONFIGS, "cifar_cnn.py")
+CONFIG = os.path.join(helpers.CONFIGS, "cifar_cnn.py")
 
 
 def test_real_splits_are_whole():
@@ -40,7 +40,7 @@ def test_one_epoch_of_the_seed_recipe_learns(tmp_path):
     assert result["eval/accuracy"] > 0.30, result
 
 
-SHAKESPEARE = os.path.join(conftest.CONFIGS, "shakespeare_rnn.py")
+SHAKESPEARE = os.path.join(helpers.CONFIGS, "shakespeare_rnn.py")
 
 
 @pytest.mark.skipif(

@@ -6,25 +6,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from flax import linen as nn
 
-from research import config_lib
+from research.core import config_lib
 from research import errors
-from research import input_pipeline
+from research.data import input_pipeline
 from research import kernels
 from research import models
 from research import sample
-from research import state as state_lib
-from research import steps
-from research import objectives
+from research.core import state as state_lib
+from research.core import steps
+from research.core import objectives
 from research import train
-from research import writers
+from research.core import writers
 from research.models import fused_lstm
 from research.models import rnn
-from tests import conftest
+from tests import helpers
 
-CONFIG = os.path.join(conftest.CONFIGS, "shakespeare_rnn.py")
+CONFIG = os.path.join(helpers.CONFIGS, "shakespeare_rnn.py")
 OBJECTIVE = objectives.LanguageModel()
 
 
@@ -184,26 +183,12 @@ def test_windows_and_streams_cover_the_text():
     assert windows["tokens"].shape == (3, 6)
 
 
-def tiny_config(**overrides):
-    # Mocked tiny_shakespeare texts use the letters a-j and spaces.
-    values = {"data_dir": "/nonexistent/tfds", "seq_len": 8, "batch_size": 4,
-              "eval_batch_size": 2, "model_kwargs.vocab_size": 11,
-              "log_every_steps": 5, "checkpoint_every_steps": 5,
-              "sample.prompt": "abc"}
-    values.update(overrides)
-    return config_lib.load_config(CONFIG + ":smoke", values)
-
-
-def mocked(fn, *args, **kwargs):
-    with tfds.testing.mock_data(num_examples=30):
-        return fn(*args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("rnn"))
-    config = tiny_config()
-    return config, workdir, mocked(train.train_and_evaluate, config, workdir)
+    config = helpers.rnn_tiny_config()
+    return config, workdir, helpers.rnn_mocked(train.train_and_evaluate, config,
+                                               workdir)
 
 
 def test_end_to_end_and_metrics(trained):
@@ -217,33 +202,34 @@ def test_end_to_end_and_metrics(trained):
 def test_sampling_is_deterministic_and_greedy_at_zero(trained):
     config, workdir, _ = trained
     config.sample.length = 30
-    first = mocked(sample.sample, config, workdir)
+    first = helpers.rnn_mocked(sample.sample, config, workdir)
     assert first.startswith(config.sample.prompt) and len(first) == 30 + len(
         config.sample.prompt)
-    assert mocked(sample.sample, config, workdir) == first
+    assert helpers.rnn_mocked(sample.sample, config, workdir) == first
     config.sample.seed = 1
     config.sample.temperature = 0.0
-    greedy = mocked(sample.sample, config, workdir)
+    greedy = helpers.rnn_mocked(sample.sample, config, workdir)
     config.sample.seed = 2
-    assert mocked(sample.sample, config, workdir) == greedy
+    assert helpers.rnn_mocked(sample.sample, config, workdir) == greedy
 
 
 def test_sampling_errors_say_what_to_do(trained, tmp_path):
     config, workdir, _ = trained
     config.sample.prompt = "ROMEO: Zebra"
     with pytest.raises(errors.UserError, match="not in the vocabulary.*Use only"):
-        mocked(sample.sample, config, workdir)
+        helpers.rnn_mocked(sample.sample, config, workdir)
     with pytest.raises(errors.UserError, match="train first"):
-        mocked(sample.sample, tiny_config(), str(tmp_path))
-    cifar = config_lib.load_config(os.path.join(conftest.CONFIGS, "cifar_cnn.py"))
+        helpers.rnn_mocked(sample.sample, helpers.rnn_tiny_config(), str(tmp_path))
+    cifar = config_lib.load_config(os.path.join(helpers.CONFIGS, "cifar_cnn.py"))
     with pytest.raises(errors.UserError, match="language-model config"):
         sample.sample(cifar, workdir)
 
 
 def test_vocab_size_mismatch_is_reported(tmp_path):
     with pytest.raises(errors.UserError, match="vocab_size=65 but the training text"):
-        mocked(train.train_and_evaluate,
-               tiny_config(**{"model_kwargs.vocab_size": 65}), str(tmp_path))
+        helpers.rnn_mocked(train.train_and_evaluate,
+                           helpers.rnn_tiny_config(**{"model_kwargs.vocab_size": 65}),
+                           str(tmp_path))
 
 
 _NEED_KERNELS = pytest.mark.skipif(

@@ -1,6 +1,5 @@
 """The step functions: learning, fused chunks, non-finite detection, masking."""
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -8,13 +7,11 @@ import numpy as np
 import optax
 from absl.testing import absltest
 
-from research import config_lib
-from research import input_pipeline
-from research import models
-from research import objectives
-from research import state as state_lib
-from research import steps
-from tests import conftest
+from research.data import input_pipeline
+from research.core import objectives
+from research.core import steps
+from research.parallel import sync
+from tests import helpers
 
 OBJECTIVE = objectives.Classification()
 IDENTITY = lambda batch: batch  # noqa: E731  (float inputs need no preprocessing)
@@ -22,40 +19,36 @@ PIPELINE = steps.Pipeline(objective=OBJECTIVE, preprocess_fn=IDENTITY)
 KEYS = {"dropout": jax.random.key(3), "augment": jax.random.key(4)}
 
 
-def _setup(learning_rate=0.01, n=32):
-    config = config_lib.load_config(os.path.join(conftest.CONFIGS, "cifar_cnn.py"),
-                                    {"learning_rate": learning_rate})
-    model = models.create_model("lenet")
-    state = state_lib.create_train_state(jax.random.key(0), config, model,
-                                         (1, 32, 32, 3))
-    rng = np.random.default_rng(0)
-    data = {"image": jnp.asarray(rng.uniform(size=(n, 32, 32, 3)), jnp.float32),
-            "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
-    return state, data
-
-
 def _chunk_fn(num_steps, batch_size=4):
+    """`steps.train_chunk` on replicated rows: step s takes the s-th batch of
+    `order` (cycling), one device, synchronous steps."""
+    def batch_fn(inputs, i, step, pipeline):
+        del i
+        order = inputs["order"]
+        offset = (step % (order.shape[0] // batch_size)) * batch_size
+        examples = jax.lax.dynamic_slice_in_dim(order, offset, batch_size)
+        rows = jax.tree.map(lambda a: jnp.take(a, examples, axis=0), inputs["rows"])
+        return {**pipeline.preprocess_fn(rows), "index": examples}
+
+    step_fn = functools.partial(
+        sync.Sync().train_step, mesh=None,
+        inner_step=functools.partial(steps.train_step, objective=OBJECTIVE))
     chunk = jax.jit(functools.partial(
-        steps.train_steps, num_steps=num_steps, batch_size=batch_size,
-        grad_accum_steps=1, pipeline=PIPELINE))
+        steps.train_chunk, num_steps=num_steps, steps_per_epoch=1,  # no augment
+        batch_fn=batch_fn, step_fn=step_fn, pipeline=PIPELINE))
 
     def run(state, totals, bad, data, order):
-        rows = {"rows": data, "row_of": jnp.arange(order.shape[0], dtype=jnp.int32)}
-        return chunk(state, totals, bad, rows, order, KEYS, {})
+        return chunk(steps.Carry(state, totals, bad), {"rows": data, "order": order},
+                     KEYS, {})
     return run
-
-
-def _train_step(**kwargs):
-    return jax.jit(lambda state, batch, key: steps.train_step(
-        state, batch, key, {}, objective=OBJECTIVE, **kwargs)[:2])
 
 
 class TrainStepTest(absltest.TestCase):
 
     def test_loss_falls_on_a_fixed_batch_and_params_change(self):
-        state, data = _setup(learning_rate=0.03)
+        state, data = helpers.lenet_setup(learning_rate=0.03)
         batch = jax.tree.map(lambda a: a[:8], data)
-        step = _train_step()
+        step = helpers.jit_train_step()
         first = None
         initial = state.params
         for _ in range(20):
@@ -73,7 +66,7 @@ class TrainStepTest(absltest.TestCase):
             self.assertFalse(np.array_equal(before, after))
 
     def test_matches_a_hand_written_sgd_momentum_step(self):
-        state, data = _setup(learning_rate=0.1)
+        state, data = helpers.lenet_setup(learning_rate=0.1)
         batch = jax.tree.map(lambda a: a[:4], data)
 
         def loss_fn(params):
@@ -82,14 +75,14 @@ class TrainStepTest(absltest.TestCase):
                 logits, batch["label"]).mean()
 
         grads = jax.grad(loss_fn)(state.params)
-        new_state, _ = _train_step()(state, batch, jax.random.key(0))
+        new_state, _ = helpers.jit_train_step()(state, batch, jax.random.key(0))
         # First momentum step: trace = grad, params -= lr * grad.
         expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
         jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
                                        atol=1e-6), new_state.params, expected)
 
     def test_fused_chunk_equals_single_steps_bitwise(self):
-        state, data = _setup()
+        state, data = helpers.lenet_setup()
         perm = jax.random.permutation(jax.random.key(2), 32).astype(jnp.int32)
         empty = OBJECTIVE.metrics_cls.empty
         one, four = _chunk_fn(1), _chunk_fn(4)
@@ -102,7 +95,7 @@ class TrainStepTest(absltest.TestCase):
         self.assertEqual(float(ta.compute()["loss"]), float(tb.compute()["loss"]))
 
     def test_batches_follow_the_permutation(self):
-        state, data = _setup(learning_rate=1e-9)
+        state, data = helpers.lenet_setup(learning_rate=1e-9)
         perm = jnp.arange(32, dtype=jnp.int32)[::-1]
         _, totals, _ = _chunk_fn(8)(state, OBJECTIVE.metrics_cls.empty(),
                                     jnp.int32(-1), data, perm)
@@ -113,7 +106,7 @@ class TrainStepTest(absltest.TestCase):
                                    rtol=1e-5)
 
     def test_first_non_finite_step_is_reported(self):
-        state, data = _setup()
+        state, data = helpers.lenet_setup()
         perm = jnp.arange(32, dtype=jnp.int32)
         data["image"] = data["image"].at[9].set(jnp.nan)  # read by step 2 (8..11)
         _, _, bad = _chunk_fn(4)(state, OBJECTIVE.metrics_cls.empty(), jnp.int32(-1),
@@ -124,7 +117,7 @@ class TrainStepTest(absltest.TestCase):
 class EvaluateTest(absltest.TestCase):
 
     def test_padded_batches_count_every_example_once(self):
-        state, data = _setup(n=37)
+        state, data = helpers.lenet_setup(n=37)
         raw = {k: np.asarray(v) for k, v in data.items()}
         padded = input_pipeline.pad_to_batches(raw, 8)
         self.assertEqual(padded["image"].shape, (5, 8, 32, 32, 3))

@@ -15,20 +15,19 @@ import jax
 import numpy as np
 import pytest
 
-from research import config_lib
+from research.core import config_lib
 from research import convert
 from research import errors
 from research import evaluate
-from research import experiment
-from research import input_pipeline
-from research import streaming
+from research import assembly
+from research.data import input_pipeline
+from research.data import streaming
 from research import train
-from research import writers
-from tests import conftest
+from research.core import writers
+from tests import helpers
 from tests import tiny_tfds
-from tests import train_test
 
-SMOKE = train_test.SMOKE
+SMOKE = helpers.SMOKE
 N = tiny_tfds.NUM_EXAMPLES  # 48 per split
 
 
@@ -50,12 +49,12 @@ def tiny_config(tiny, **overrides):
     data_dir, stream_dir = tiny
     values = {"dataset": tiny_tfds.NAME, "data_dir": data_dir,
               "stream.dir": stream_dir, "input": "stream"}
-    return train_test.tiny_config(**{**values, **overrides})
+    return helpers.tiny_config(**{**values, **overrides})
 
 
 def params(config, workdir):
     return jax.tree.map(np.asarray,
-                        experiment.restore_variables(config, workdir).variables)
+                        assembly.restore_variables(config, workdir).variables)
 
 
 def test_converted_rows_equal_the_in_memory_rows(tiny):
@@ -97,8 +96,8 @@ def test_stream_trains_bitwise_like_memory_with_augmentation(tiny, in_memory,
     streamed = tiny_config(tiny, **AUGMENT)
     result = train.train_and_evaluate(streamed, str(tmp_path))
     assert result["step"] == 12
-    train_test.assert_trees_equal(params(streamed, str(tmp_path)),
-                                  params(config, memory_dir))
+    helpers.assert_trees_equal(params(streamed, str(tmp_path)),
+                               params(config, memory_dir))
     assert result["eval/accuracy"] == memory["eval/accuracy"]
     np.testing.assert_allclose(result["eval/loss"], memory["eval/loss"], rtol=1e-6)
     # --mode=eval streams the evaluation split too.
@@ -126,8 +125,8 @@ def test_stream_resumes_bitwise_and_auto_picks_by_size(tiny, in_memory, tmp_path
     again = tiny_config(tiny, input="stream", **AUGMENT,
                         **{"stream.threads": 1, "stream.prefetch_steps": 1})
     assert train.train_and_evaluate(again, workdir)["step"] == 12
-    train_test.assert_trees_equal(params(config, workdir),
-                                  params(reference, memory_dir))
+    helpers.assert_trees_equal(params(config, workdir),
+                               params(reference, memory_dir))
 
 
 @pytest.mark.parametrize("case, message", [
@@ -193,7 +192,7 @@ def test_bad_streaming_input_fails_fast_with_the_fix(tiny, tmp_path, case, messa
     start = time.perf_counter()
     with pytest.raises(errors.UserError, match=message) as raised:
         config = (config_lib.load_config(
-            os.path.join(conftest.CONFIGS, "shakespeare_rnn.py:smoke"),
+            os.path.join(helpers.CONFIGS, "shakespeare_rnn.py:smoke"),
             {"input": "stream", "data_dir": "/nonexistent"}) if case == "text"
             else tiny_config(tiny, **overrides))
         train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -215,12 +214,12 @@ _CHILD = textwrap.dedent("""
 
 
 def _spawn(args, log_path, devices=1, extra_env=None):
-    env = {**os.environ, "PYTHONPATH": conftest.REPO, "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "PYTHONPATH": helpers.REPO, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            **(extra_env or {})}
     with open(log_path, "ab") as log:  # a file: a full pipe would block the child
         return subprocess.Popen([sys.executable, "-c", _CHILD, *args], env=env,
-                                cwd=conftest.REPO, stdout=subprocess.DEVNULL,
+                                cwd=helpers.REPO, stdout=subprocess.DEVNULL,
                                 stderr=log)
 
 
@@ -247,16 +246,16 @@ def test_sigkill_resumes_bitwise_through_the_stream(tiny, tmp_path):
     proc = _spawn(_args(tiny, workdir, *more), log)
     deadline = time.time() + 120
     while not (os.path.isdir(os.path.join(workdir, "checkpoints"))
-               and train_test.saved_steps(workdir)):
+               and helpers.saved_steps(workdir)):
         assert proc.poll() is None and time.time() < deadline, _tail(log)
         time.sleep(0.02)
     proc.kill()
     assert proc.wait(timeout=30) == -signal.SIGKILL
-    killed_at = train_test.saved_steps(workdir)[-1]
+    killed_at = helpers.saved_steps(workdir)[-1]
     assert 0 < killed_at < 960, killed_at
     proc = _spawn(_args(tiny, workdir, *more), log)
     assert proc.wait(timeout=300) == 0, _tail(log)
-    assert train_test.saved_steps(workdir)[-1] == 960  # 48 steps x 20 epochs
+    assert helpers.saved_steps(workdir)[-1] == 960  # 48 steps x 20 epochs
     assert f"Resuming at step {killed_at}" in _tail(
         os.path.join(workdir, "train.log"), 10 ** 9)
 
@@ -264,16 +263,15 @@ def test_sigkill_resumes_bitwise_through_the_stream(tiny, tmp_path):
                          checkpoint_every_steps=100, log_every_steps=100)
     straight = str(tmp_path / "straight")
     train.train_and_evaluate(config, straight)
-    train_test.assert_trees_equal(params(config, workdir), params(config, straight))
+    helpers.assert_trees_equal(params(config, workdir), params(config, straight))
 
 
 def test_two_processes_each_read_only_their_share(tiny, in_memory, tmp_path):
     """2 processes x 2 CPU devices over gloo: per epoch each reads 24 of the
     48 training records and 24 of the 48 test records, their example numbers
     together cover the split, and the run matches one in-memory process."""
-    from tests import parallel_test  # pylint: disable=g-import-not-at-top
     workdir = str(tmp_path / "two")
-    port = parallel_test._free_port()  # pylint: disable=protected-access
+    port = helpers.free_port()
     procs = [_spawn(_args(tiny, workdir, "--config.augment.flip=random",
                           "--config.augment.translate=2",
                           "--config.augment.eval_views=flip",
@@ -306,7 +304,7 @@ def test_two_processes_each_read_only_their_share(tiny, in_memory, tmp_path):
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(
         jax.tree.leaves(params(config, workdir)), jax.tree.leaves(params(config,
                                                                          single))))
-    assert diff < parallel_test.TOLERANCE
+    assert diff < helpers.TOLERANCE
     last = [r for r in writers.read_metrics(workdir) if "eval/loss" in r][-1]
     assert last["eval/accuracy"] == one["eval/accuracy"]
 
@@ -316,7 +314,8 @@ def test_two_processes_each_read_only_their_share(tiny, in_memory, tmp_path):
 _MEMORY_CHILD = textwrap.dedent("""
     import json, resource, sys, threading, time
     import jax, ml_collections, numpy as np
-    from research import parallel, records, streaming
+    from research import mesh as mesh_lib
+    from research.data import records, streaming
     stream_dir, num, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     features = {"image": ((32, 32, 3), np.dtype(np.uint8)),
                 "label": ((), np.dtype(np.int32))}
@@ -333,7 +332,7 @@ _MEMORY_CHILD = textwrap.dedent("""
     source = records.Source(reader, 0, num, "synthetic[train]")
     options = ml_collections.ConfigDict({"threads": 2, "prefetch_steps": 4,
                                          "device_prefetch": 2})
-    mesh = parallel.create_mesh(1)
+    mesh = mesh_lib.create_mesh(1)
     steps = num // batch
     order = lambda epoch: np.random.default_rng(epoch).permutation(num).astype(
         np.int32)
@@ -383,8 +382,8 @@ def test_memory_stays_bounded_by_the_prefetch_depth(tmp_path):
     data_bytes = num * 3076
     proc = subprocess.run(
         [sys.executable, "-c", _MEMORY_CHILD, str(tmp_path), str(num), str(batch)],
-        env={**os.environ, "PYTHONPATH": conftest.REPO, "JAX_PLATFORMS": "cpu"},
-        cwd=conftest.REPO, capture_output=True, text=True, timeout=300)
+        env={**os.environ, "PYTHONPATH": helpers.REPO, "JAX_PLATFORMS": "cpu"},
+        cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     buffers = (16 + 4 + 8) * batch * 3076
@@ -416,7 +415,7 @@ def test_real_cifar10_streams_bitwise_like_memory(tmp_path):
     results, trained = {}, {}
     for mode in ("memory", "stream"):
         config = config_lib.load_config(
-            os.path.join(conftest.CONFIGS, "cifar_cnn.py"),
+            os.path.join(helpers.CONFIGS, "cifar_cnn.py"),
             {"input": mode, "stream.dir": stream_dir, "train_split": "train[:2000]",
              "eval_split": "test[:1000]", "num_epochs": 1,
              "checkpoint_every_steps": 500, "log_every_steps": 250})
@@ -424,7 +423,7 @@ def test_real_cifar10_streams_bitwise_like_memory(tmp_path):
         results[mode] = train.train_and_evaluate(config, workdir)
         trained[mode] = params(config, workdir)
     assert results["stream"]["step"] == 500
-    train_test.assert_trees_equal(trained["stream"], trained["memory"])
+    helpers.assert_trees_equal(trained["stream"], trained["memory"])
     assert results["stream"]["eval/accuracy"] == results["memory"]["eval/accuracy"]
 
 

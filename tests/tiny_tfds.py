@@ -3,7 +3,7 @@ cannot fake (it returns the same examples for every sub-split)."""
 import numpy as np
 import tensorflow_datasets as tfds
 
-from research import input_pipeline
+from research.data import input_pipeline
 
 NAME = "research_tiny_images"
 NUM_EXAMPLES = 48  # per split

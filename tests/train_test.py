@@ -12,65 +12,32 @@ from unittest import mock
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
-from research import config_lib
+from research.core import config_lib
 from research import errors
 from research import evaluate
-from research import experiment
 from research import main
 from research import train
-from research import writers
-from tests import conftest
-
-SMOKE = os.path.join(conftest.CONFIGS, "cifar_cnn.py:smoke")
-NUM_EXAMPLES = 48  # per split under mock_data: 6 steps an epoch at batch 8
-
-
-def tiny_config(**overrides):
-    """2 epochs x 6 steps, checkpoints every 4 steps, on mocked CIFAR-10."""
-    values = {"train_split": "train", "eval_split": "test", "batch_size": 8,
-              "eval_batch_size": 16, "num_epochs": 2, "log_every_steps": 4,
-              "checkpoint_every_steps": 4, "data_dir": "/nonexistent/tfds"}
-    values.update(overrides)
-    return config_lib.load_config(SMOKE, values)
-
-
-def mocked(fn, *args, **kwargs):
-    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-        return fn(*args, **kwargs)
-
-
-def final_params(config, workdir, step=None):
-    variables = experiment.restore_variables(config, workdir, step).variables
-    return jax.tree.map(np.asarray, variables["params"])
-
-
-def assert_trees_equal(a, b):
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-def saved_steps(workdir):
-    return sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints"))
-                  if p.isdigit())
+from research.core import writers
+from tests import helpers
 
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """An uninterrupted tiny run: (config, workdir, result)."""
     workdir = str(tmp_path_factory.mktemp("straight"))
-    config = tiny_config()
-    result = mocked(train.train_and_evaluate, config, workdir)
+    config = helpers.tiny_config()
+    result = helpers.mocked(train.train_and_evaluate, config, workdir)
     return config, workdir, result
 
 
 def test_main_smoke_preset_end_to_end(tmp_path):
     workdir = str(tmp_path / "smoke")
-    argv = ["prog", f"--config={SMOKE}", f"--workdir={workdir}"]
+    argv = ["prog", f"--config={helpers.SMOKE}", f"--workdir={workdir}"]
     try:
         with mock.patch.object(sys, "argv", argv):
             main.FLAGS(argv)
-        result = mocked(main.run, ["prog"])
+        result = helpers.mocked(main.run, ["prog"])
     finally:
         main.FLAGS.unparse_flags()
     config = config_lib.load_workdir_config(workdir)
@@ -83,7 +50,7 @@ def test_main_smoke_preset_end_to_end(tmp_path):
     assert any("perf/images_per_sec" in r for r in records)
     assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
     # 48 mocked examples // 8 = 6 steps an epoch; saves at 6 and 12.
-    assert saved_steps(workdir) == [6, 12]
+    assert helpers.saved_steps(workdir) == [6, 12]
     assert result["step"] == 12
     assert result["eval/accuracy"] == epochs[-1]["eval/accuracy"]
 
@@ -91,7 +58,7 @@ def test_main_smoke_preset_end_to_end(tmp_path):
 def test_straight_run_writes_checkpoints_and_metrics(straight_run):
     _, workdir, result = straight_run
     # every 4 steps and each epoch end (6, 12); the newest 3 are kept.
-    assert saved_steps(workdir) == [6, 8, 12]
+    assert helpers.saved_steps(workdir) == [6, 8, 12]
     assert result["step"] == 12
     lines = [r for r in writers.read_metrics(workdir) if "train/loss" in r]
     assert [r["step"] for r in lines] == [4, 6, 8, 12]
@@ -100,12 +67,12 @@ def test_straight_run_writes_checkpoints_and_metrics(straight_run):
 def test_resume_equals_uninterrupted_run_bitwise(straight_run, tmp_path):
     config, straight_dir, straight_result = straight_run
     workdir = str(tmp_path / "resumed")
-    first = mocked(train.train_and_evaluate, config, workdir, stop_after_step=5)
-    assert first["step"] == 5 and 5 in saved_steps(workdir)
-    second = mocked(train.train_and_evaluate, config, workdir)
+    first = helpers.mocked(train.train_and_evaluate, config, workdir, stop_after_step=5)
+    assert first["step"] == 5 and 5 in helpers.saved_steps(workdir)
+    second = helpers.mocked(train.train_and_evaluate, config, workdir)
     assert second["step"] == 12
-    assert_trees_equal(final_params(config, workdir),
-                       final_params(config, straight_dir))
+    helpers.assert_trees_equal(helpers.final_params(config, workdir),
+                               helpers.final_params(config, straight_dir))
     assert second["eval/loss"] == straight_result["eval/loss"]
 
     # The epoch-2 train loss spans the restart: the running sums are checkpointed.
@@ -117,65 +84,60 @@ def test_resume_equals_uninterrupted_run_bitwise(straight_run, tmp_path):
 
 def test_eval_mode_reproduces_final_metrics(straight_run):
     config, workdir, result = straight_run
-    evaluated = mocked(evaluate.evaluate, config, workdir)
+    evaluated = helpers.mocked(evaluate.evaluate, config, workdir)
     assert evaluated["step"] == 12
     assert evaluated["eval/accuracy"] == result["eval/accuracy"]
     assert evaluated["eval/loss"] == pytest.approx(result["eval/loss"], rel=1e-6)
     # Only the workdir: the saved config is used; an older step can be chosen.
     saved = config_lib.load_workdir_config(workdir)
-    assert mocked(evaluate.evaluate, saved, workdir, 8)["step"] == 8
+    assert helpers.mocked(evaluate.evaluate, saved, workdir, 8)["step"] == 8
     with pytest.raises(errors.UserError,
                        match=r"No checkpoint for step 7.*\[6, 8, 12\]"):
-        mocked(evaluate.evaluate, saved, workdir, 7)
+        helpers.mocked(evaluate.evaluate, saved, workdir, 7)
 
 
 def test_eval_without_checkpoints_says_train_first(tmp_path):
     with pytest.raises(errors.UserError, match="train first"):
-        mocked(evaluate.evaluate, tiny_config(), str(tmp_path))
-
-
-def _corrupt(step_dir):
-    for path in glob.glob(os.path.join(step_dir, "model", "**", "*"), recursive=True):
-        if os.path.isfile(path):
-            with open(path, "wb") as f:
-                f.write(b"garbage")
+        helpers.mocked(evaluate.evaluate, helpers.tiny_config(), str(tmp_path))
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(straight_run, tmp_path):
     config, straight_dir, _ = straight_run
     workdir = str(tmp_path / "corrupt")
     shutil.copytree(straight_dir, workdir)
-    _corrupt(os.path.join(workdir, "checkpoints", "12"))
-    result = mocked(train.train_and_evaluate, config, workdir)
+    helpers.corrupt(os.path.join(workdir, "checkpoints", "12"))
+    result = helpers.mocked(train.train_and_evaluate, config, workdir)
     # Step 12 was moved aside (kept, not deleted), training redone from step 8.
     assert os.path.isdir(os.path.join(workdir, "corrupt_checkpoints", "12"))
     assert result["step"] == 12
-    assert_trees_equal(final_params(config, workdir),
-                       final_params(config, straight_dir))
+    helpers.assert_trees_equal(helpers.final_params(config, workdir),
+                               helpers.final_params(config, straight_dir))
 
 
 def test_checkpoints_of_another_model_stop_with_clear_error(straight_run, tmp_path):
     _, straight_dir, _ = straight_run
     workdir = str(tmp_path / "other")
     shutil.copytree(straight_dir, workdir)
-    config = tiny_config(**{"model_kwargs.num_classes": 12})  # another head
+    config = helpers.tiny_config(**{"model_kwargs.num_classes": 12})  # another head
     with pytest.raises(errors.UserError, match="None of the 3 checkpoints"):
-        mocked(train.train_and_evaluate, config, workdir, allow_config_change=True)
-    assert saved_steps(workdir) == [6, 8, 12]  # nothing moved or deleted
+        helpers.mocked(train.train_and_evaluate, config, workdir,
+                       allow_config_change=True)
+    assert helpers.saved_steps(workdir) == [6, 8, 12]  # nothing moved or deleted
     assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
-    mocked(train.train_and_evaluate, tiny_config(), workdir, stop_after_step=4)
+    helpers.mocked(train.train_and_evaluate, helpers.tiny_config(), workdir,
+                   stop_after_step=4)
     with pytest.raises(train.NonFiniteLossError,
                        match=r"Non-finite training loss at step \d+.*step 4"):
-        mocked(train.train_and_evaluate, tiny_config(learning_rate=1e9), workdir,
-               allow_config_change=True)
-    assert saved_steps(workdir) == [4]
+        helpers.mocked(train.train_and_evaluate, helpers.tiny_config(learning_rate=1e9),
+                       workdir, allow_config_change=True)
+    assert helpers.saved_steps(workdir) == [4]
     # config.json still describes the checkpoint, not the failed attempt.
     assert config_lib.load_workdir_config(workdir).learning_rate == 0.001
-    params = final_params(tiny_config(), workdir)
+    params = helpers.final_params(helpers.tiny_config(), workdir)
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
 
 
@@ -186,7 +148,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 ])
 def test_bad_config_fails_before_compute(tmp_path, overrides, message):
     with pytest.raises(errors.UserError, match=message):
-        mocked(train.train_and_evaluate, tiny_config(**overrides), str(tmp_path))
+        helpers.mocked(train.train_and_evaluate, helpers.tiny_config(**overrides),
+                       str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
@@ -194,11 +157,12 @@ def test_unwritable_workdir_fails_clearly(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(errors.UserError, match="is not writable"):
-        mocked(train.train_and_evaluate, tiny_config(), str(blocker / "run"))
+        helpers.mocked(train.train_and_evaluate, helpers.tiny_config(),
+                       str(blocker / "run"))
 
 
 def test_missing_data_fails_fast_with_the_fix(tmp_path):
-    config = tiny_config(data_dir=str(tmp_path / "no_data"))
+    config = helpers.tiny_config(data_dir=str(tmp_path / "no_data"))
     start = time.perf_counter()
     with pytest.raises(errors.UserError,
                        match=r"not prepared in data_dir.*TFDS_DATA_DIR"):
@@ -207,7 +171,7 @@ def test_missing_data_fails_fast_with_the_fix(tmp_path):
 
 
 def test_download_without_network_fails_fast(tmp_path):
-    config = tiny_config(data_dir=str(tmp_path / "no_data"), download=True)
+    config = helpers.tiny_config(data_dir=str(tmp_path / "no_data"), download=True)
     start = time.perf_counter()
     with mock.patch("socket.create_connection", side_effect=OSError("unreachable")):
         with pytest.raises(errors.UserError, match="unreachable"):
@@ -223,16 +187,17 @@ _CHILD = textwrap.dedent("""
     from research import main
     with tfds.testing.mock_data(num_examples={n}):
         app.run(main.main, argv=sys.argv, flags_parser=main.parse_flags)
-""").format(n=NUM_EXAMPLES)
+""").format(n=helpers.NUM_EXAMPLES)
 
 
 def _spawn(workdir, *overrides):
-    argv = [sys.executable, "-c", _CHILD, f"--config={SMOKE}", f"--workdir={workdir}",
+    argv = [sys.executable, "-c", _CHILD, f"--config={helpers.SMOKE}",
+            f"--workdir={workdir}",
             "--config.train_split=train", "--config.eval_split=test",
             "--config.data_dir=/nonexistent/tfds", *overrides]
-    env = {**os.environ, "PYTHONPATH": conftest.REPO}
+    env = {**os.environ, "PYTHONPATH": helpers.REPO}
     log = open(workdir + ".log", "ab")  # a file: a full pipe would block the child
-    proc = subprocess.Popen(argv, cwd=conftest.REPO, env=env,
+    proc = subprocess.Popen(argv, cwd=helpers.REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=log)
     log.close()
     return proc
@@ -246,7 +211,8 @@ def _log_tail(workdir):
 def _wait_for_checkpoint(proc, workdir, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if os.path.isdir(os.path.join(workdir, "checkpoints")) and saved_steps(workdir):
+        if (os.path.isdir(os.path.join(workdir, "checkpoints"))
+                and helpers.saved_steps(workdir)):
             return
         assert proc.poll() is None, _log_tail(workdir)
         time.sleep(0.05)
@@ -259,20 +225,20 @@ def test_sigterm_saves_and_sigkill_resumes_exactly(tmp_path):
     # batch 1: 48 steps an epoch, 2,880 steps in all.
     long_run = ("--config.batch_size=1", "--config.num_epochs=60",
                 "--config.checkpoint_every_steps=200", "--config.log_every_steps=200")
-    config = tiny_config(batch_size=1, num_epochs=60, checkpoint_every_steps=200,
-                         log_every_steps=200)
+    config = helpers.tiny_config(batch_size=1, num_epochs=60,
+                                 checkpoint_every_steps=200, log_every_steps=200)
     workdir = str(tmp_path / "signals")
 
     proc = _spawn(workdir, *long_run)
     _wait_for_checkpoint(proc, workdir)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    stopped_at = saved_steps(workdir)[-1]
-    assert 0 < stopped_at < 2880 and stopped_at % 200 != 0, saved_steps(workdir)
+    stopped_at = helpers.saved_steps(workdir)[-1]
+    assert 0 < stopped_at < 2880 and stopped_at % 200 != 0, helpers.saved_steps(workdir)
 
     proc = _spawn(workdir, *long_run)
     deadline = time.time() + 60
-    while saved_steps(workdir)[-1] == stopped_at and time.time() < deadline:
+    while helpers.saved_steps(workdir)[-1] == stopped_at and time.time() < deadline:
         assert proc.poll() is None, _log_tail(workdir)
         time.sleep(0.02)
     proc.kill()  # SIGKILL: no handler runs, an async save may be half-written
@@ -280,16 +246,18 @@ def test_sigterm_saves_and_sigkill_resumes_exactly(tmp_path):
 
     proc = _spawn(workdir, *long_run)
     assert proc.wait(timeout=300) == 0, _log_tail(workdir)
-    assert saved_steps(workdir)[-1] == 2880
+    assert helpers.saved_steps(workdir)[-1] == 2880
 
     straight = str(tmp_path / "straight")
-    mocked(train.train_and_evaluate, config, straight)
-    assert_trees_equal(final_params(config, workdir), final_params(config, straight))
+    helpers.mocked(train.train_and_evaluate, config, straight)
+    helpers.assert_trees_equal(helpers.final_params(config, workdir),
+                               helpers.final_params(config, straight))
 
 
 def test_signal_right_after_a_save_stops_without_saving_twice(tmp_path, monkeypatch):
     """SIGTERM landing just after a boundary's save: stop there, no second save."""
-    real_save = train.checkpointing.save
+    from research.core import checkpointing  # pylint: disable=g-import-not-at-top
+    real_save = checkpointing.save
     calls = []
 
     def save_then_signal(manager, step, *args):
@@ -298,8 +266,8 @@ def test_signal_right_after_a_save_stops_without_saving_twice(tmp_path, monkeypa
         if len(calls) == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(train.checkpointing, "save", save_then_signal)
+    monkeypatch.setattr(checkpointing, "save", save_then_signal)
     with pytest.raises(train.Interrupted) as stopped:
-        mocked(train.train_and_evaluate, tiny_config(), str(tmp_path))
+        helpers.mocked(train.train_and_evaluate, helpers.tiny_config(), str(tmp_path))
     assert calls == [4] and stopped.value.step == 4
-    assert saved_steps(str(tmp_path)) == [4]
+    assert helpers.saved_steps(str(tmp_path)) == [4]

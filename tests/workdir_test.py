@@ -13,15 +13,14 @@ import time
 
 import pytest
 
-from research import config_lib
+from research.core import config_lib
 from research import errors
 from research import train
-from research import workdir as workdir_lib
-from research import writers
-from tests import conftest
-from tests import train_test
+from research.core import workdir as workdir_lib
+from research.core import writers
+from tests import helpers
 
-SMOKE = train_test.SMOKE
+SMOKE = helpers.SMOKE
 MOCK = ("--config.train_split=train", "--config.eval_split=test",
         "--config.data_dir=/nonexistent/tfds")
 # main under mock_data, as a user would run it (a fresh process each time).
@@ -32,27 +31,27 @@ _CHILD = textwrap.dedent("""
     from research import main
     with tfds.testing.mock_data(num_examples={n}):
         app.run(main.main, argv=sys.argv, flags_parser=main.parse_flags)
-""").format(n=train_test.NUM_EXAMPLES)
+""").format(n=helpers.NUM_EXAMPLES)
 
 
 def _run(*args, limit_file_kb=None, timeout=300):
     """main in a subprocess; returns (status, stdout, stderr). `limit_file_kb`
     caps the size of any file it writes (a full disk, as far as it can tell)."""
-    env = {**os.environ, "PYTHONPATH": conftest.REPO}
+    env = {**os.environ, "PYTHONPATH": helpers.REPO}
     argv = [sys.executable, "-c", _CHILD, *args]
     if limit_file_kb:
         argv = ["bash", "-c", f'ulimit -f {limit_file_kb}; exec "$0" "$@"', *argv]
-    proc = subprocess.run(argv, cwd=conftest.REPO, env=env, capture_output=True,
+    proc = subprocess.run(argv, cwd=helpers.REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
 
 
 def _spawn(workdir, *args):
-    env = {**os.environ, "PYTHONPATH": conftest.REPO}
+    env = {**os.environ, "PYTHONPATH": helpers.REPO}
     log = open(workdir + ".log", "ab")  # a file: a full pipe would block the child
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, f"--config={SMOKE}",
                              f"--workdir={workdir}", *MOCK, *args],
-                            cwd=conftest.REPO, env=env, stdout=subprocess.DEVNULL,
+                            cwd=helpers.REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=log)
     log.close()
     return proc
@@ -118,7 +117,7 @@ def test_metrics_after_sigkill_and_resume_equal_an_uninterrupted_run(tmp_path):
     workdir = str(tmp_path / "killed")
     proc = _spawn(workdir, *LONG)
     deadline = time.time() + 120
-    while len(train_test.saved_steps(workdir) if os.path.isdir(
+    while len(helpers.saved_steps(workdir) if os.path.isdir(
             os.path.join(workdir, "checkpoints")) else []) < 2:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.02)
@@ -137,19 +136,19 @@ def test_metrics_after_sigkill_and_resume_equal_an_uninterrupted_run(tmp_path):
 
 def test_changed_learning_rate_is_refused_and_longer_training_continues(tmp_path):
     workdir = str(tmp_path / "drift")
-    train_test.mocked(train.train_and_evaluate, train_test.tiny_config(), workdir)
+    helpers.mocked(train.train_and_evaluate, helpers.tiny_config(), workdir)
     with pytest.raises(errors.UserError,
                        match=r"learning_rate: 0.001 -> 0.1.*--allow_config_change"):
-        train_test.mocked(train.train_and_evaluate,
-                          train_test.tiny_config(learning_rate=0.1), workdir)
+        helpers.mocked(train.train_and_evaluate,
+                       helpers.tiny_config(learning_rate=0.1), workdir)
     assert config_lib.load_workdir_config(workdir).learning_rate == 0.001
-    result = train_test.mocked(train.train_and_evaluate,
-                               train_test.tiny_config(num_epochs=3), workdir)
+    result = helpers.mocked(train.train_and_evaluate,
+                            helpers.tiny_config(num_epochs=3), workdir)
     assert result["step"] == 18
     # With the flag the change is made and recorded.
-    train_test.mocked(train.train_and_evaluate,
-                      train_test.tiny_config(num_epochs=4, learning_rate=0.1),
-                      workdir, allow_config_change=True)
+    helpers.mocked(train.train_and_evaluate,
+                   helpers.tiny_config(num_epochs=4, learning_rate=0.1),
+                   workdir, allow_config_change=True)
     with open(os.path.join(workdir, "config.json")) as f:
         saved = json.load(f)
     assert saved["learning_rate"] == 0.1
@@ -157,12 +156,12 @@ def test_changed_learning_rate_is_refused_and_longer_training_continues(tmp_path
         saved["_history"][-1]["changes"])
     # A finished run only evaluated with the flag records the change too, so
     # the next plain run of the new config is accepted.
-    changed = train_test.tiny_config(num_epochs=4, learning_rate=0.1,
-                                     **{"prune.exclude": "Dense_2"})
-    train_test.mocked(train.train_and_evaluate, changed, workdir,
-                      allow_config_change=True)
+    changed = helpers.tiny_config(num_epochs=4, learning_rate=0.1,
+                                  **{"prune.exclude": "Dense_2"})
+    helpers.mocked(train.train_and_evaluate, changed, workdir,
+                   allow_config_change=True)
     assert config_lib.load_workdir_config(workdir).prune.exclude == "Dense_2"
-    assert train_test.mocked(train.train_and_evaluate, changed, workdir)["step"] == 24
+    assert helpers.mocked(train.train_and_evaluate, changed, workdir)["step"] == 24
 
 
 def test_fields_added_since_a_run_are_no_change_while_off():
@@ -177,10 +176,10 @@ def test_fields_added_since_a_run_are_no_change_while_off():
 
 def test_vanished_checkpoints_are_refused(tmp_path):
     workdir = str(tmp_path / "vanished")
-    train_test.mocked(train.train_and_evaluate, train_test.tiny_config(), workdir)
+    helpers.mocked(train.train_and_evaluate, helpers.tiny_config(), workdir)
     shutil.rmtree(os.path.join(workdir, "checkpoints"))
     with pytest.raises(errors.UserError, match="checkpoints are gone"):
-        train_test.mocked(train.train_and_evaluate, train_test.tiny_config(), workdir)
+        helpers.mocked(train.train_and_evaluate, helpers.tiny_config(), workdir)
 
 
 def _trained(tmp_path_factory):
@@ -198,7 +197,7 @@ def trained(tmp_path_factory):
 def trained_text(tmp_path_factory):
     """A character model trained on mocked text (letters a-j and spaces)."""
     workdir = str(tmp_path_factory.mktemp("text") / "run")
-    config = os.path.join(conftest.CONFIGS, "shakespeare_rnn.py:smoke")
+    config = os.path.join(helpers.CONFIGS, "shakespeare_rnn.py:smoke")
     status, _, stderr = _run(f"--config={config}", f"--workdir={workdir}",
                              "--config.data_dir=/nonexistent/tfds",
                              "--config.model_kwargs.vocab_size=11", "--config.seq_len=8",
@@ -210,8 +209,8 @@ def trained_text(tmp_path_factory):
 def _corrupted(trained, tmp_path):
     workdir = str(tmp_path / "corrupt")
     shutil.copytree(trained, workdir)
-    for step in train_test.saved_steps(workdir):
-        train_test._corrupt(os.path.join(workdir, "checkpoints", str(step)))  # pylint: disable=protected-access
+    for step in helpers.saved_steps(workdir):
+        helpers.corrupt(os.path.join(workdir, "checkpoints", str(step)))
     return workdir
 
 
@@ -222,7 +221,7 @@ def _cases(trained, trained_text, tmp_path):
     partial = tmp_path / "partial.py"
     partial.write_text("import ml_collections\n\ndef get_config():\n"
                        "    return ml_collections.ConfigDict({'dataset': 'cifar10'})\n")
-    text_config = os.path.join(conftest.CONFIGS, "shakespeare_rnn.py:smoke")
+    text_config = os.path.join(helpers.CONFIGS, "shakespeare_rnn.py:smoke")
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -265,7 +264,7 @@ def _cases(trained, trained_text, tmp_path):
          "File too large while writing"),
         ("missing config", ["--config=configs/nope.py", "--workdir=/tmp/x"], 2,
          "does not exist"),
-        ("unknown preset", [f"--config={conftest.CONFIGS}/cifar_cnn.py:huge"], 2,
+        ("unknown preset", [f"--config={helpers.CONFIGS}/cifar_cnn.py:huge"], 2,
          "Unknown preset 'huge'"),
         ("unknown field", [f"--config={SMOKE}", "--config.batch_sise=3"], 2,
          "batch_size"),
@@ -346,15 +345,15 @@ def test_longer_run_refused_where_the_schedule_depends_on_its_length(tmp_path):
     longer run would restart the decay mid-course: refused, saying why."""
     workdir = str(tmp_path / "cosine")
     cosine = {"lr_schedule": "cosine", "end_learning_rate": 1e-5}
-    train_test.mocked(train.train_and_evaluate, train_test.tiny_config(**cosine),
-                      workdir, stop_after_step=4)
+    helpers.mocked(train.train_and_evaluate, helpers.tiny_config(**cosine),
+                   workdir, stop_after_step=4)
     with pytest.raises(errors.UserError, match=r"num_epochs: 2 -> 4 \(the run's "
                        r"length shapes its cosine learning rate.*allow_config_change"):
-        train_test.mocked(train.train_and_evaluate,
-                          train_test.tiny_config(num_epochs=4, **cosine), workdir)
-    result = train_test.mocked(train.train_and_evaluate,
-                               train_test.tiny_config(num_epochs=4, **cosine),
-                               workdir, allow_config_change=True)
+        helpers.mocked(train.train_and_evaluate,
+                       helpers.tiny_config(num_epochs=4, **cosine), workdir)
+    result = helpers.mocked(train.train_and_evaluate,
+                            helpers.tiny_config(num_epochs=4, **cosine),
+                            workdir, allow_config_change=True)
     assert result["step"] == 24
 
 
@@ -367,7 +366,7 @@ def test_eval_beside_training_reads_the_checkpoint_that_replaced_its_own(
     workdir = str(tmp_path / "run")
     shutil.copytree(trained, workdir)
     checkpoints = os.path.join(workdir, "checkpoints")
-    latest = max(train_test.saved_steps(workdir))
+    latest = max(helpers.saved_steps(workdir))
     # What the trainer does meanwhile: a newer checkpoint, the read one gone.
     newer = os.path.join(checkpoints, str(latest + 1))
     restore = ocp.CheckpointManager.restore
@@ -383,25 +382,25 @@ def test_eval_beside_training_reads_the_checkpoint_that_replaced_its_own(
         return restore(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "restore", racing_restore)
-    result = train_test.mocked(evaluate.evaluate,
-                               config_lib.load_workdir_config(workdir), workdir)
+    result = helpers.mocked(evaluate.evaluate,
+                            config_lib.load_workdir_config(workdir), workdir)
     assert calls == [latest, latest + 1] and result["step"] == latest + 1
     # An explicit --step is not swapped for another one.
     calls.clear()
     with pytest.raises(errors.UserError, match="could not be restored"):
-        train_test.mocked(evaluate.evaluate, config_lib.load_workdir_config(workdir),
-                          workdir, latest + 1)
+        helpers.mocked(evaluate.evaluate, config_lib.load_workdir_config(workdir),
+                       workdir, latest + 1)
 
 
 def test_os_errors_say_what_they_are(tmp_path, capsys):
     """Only a full disk (or a size limit) is reported as one."""
-    from research import main  # pylint: disable=g-import-not-at-top
+    from research import cli  # pylint: disable=g-import-not-at-top
 
     def fail(error):
         def fn(argv):
             raise RuntimeError("restore failed") from error
         with pytest.raises(SystemExit) as exited:
-            main.guarded(fn, [])
+            cli.guarded(fn, [])
         assert exited.value.code == 1
         return capsys.readouterr().err.strip()
 
@@ -416,12 +415,12 @@ def test_a_fresh_start_sets_earlier_metrics_aside(tmp_path):
     """Checkpoints and config.json deleted, metrics left: the new run's
     metrics do not overlay the old ones, which are kept."""
     workdir = str(tmp_path / "run")
-    config = train_test.tiny_config()
-    train_test.mocked(train.train_and_evaluate, config, workdir)
+    config = helpers.tiny_config()
+    helpers.mocked(train.train_and_evaluate, config, workdir)
     old = writers.read_metrics(workdir)
     shutil.rmtree(os.path.join(workdir, "checkpoints"))
     os.remove(os.path.join(workdir, "config.json"))
-    train_test.mocked(train.train_and_evaluate, config, workdir, stop_after_step=4)
+    helpers.mocked(train.train_and_evaluate, config, workdir, stop_after_step=4)
     (earlier,) = os.listdir(os.path.join(workdir, "earlier"))
     earlier = os.path.join(workdir, "earlier", earlier)
     assert writers.read_metrics(earlier) == old
@@ -442,9 +441,9 @@ def test_pipelines_pass_allow_config_change_and_check_every_stage_first(
 
     monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     sweep_config = config_lib.load_config(
-        os.path.join(conftest.CONFIGS, "diloco_cifar.py"))
+        os.path.join(helpers.CONFIGS, "pipelines/diloco_cifar.py"))
     compress_config = config_lib.load_config(
-        os.path.join(conftest.CONFIGS, "compress_cifar.py"))
+        os.path.join(helpers.CONFIGS, "pipelines/compress_cifar.py"))
     for run in (lambda: sweep.run(sweep_config, str(tmp_path / "s"), True),
                 lambda: compress.run(compress_config, str(tmp_path / "c"), True)):
         with pytest.raises(errors.UserError, match="stop here"):
@@ -475,7 +474,7 @@ def test_joining_another_server_ends_in_one_line(tmp_path):
 
 
 def test_replicas_that_do_not_fit_name_the_choices():
-    from research import parallel  # pylint: disable=g-import-not-at-top
+    from research import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
     with pytest.raises(errors.UserError, match=r"replicas=4 does not divide the 1 "
                        r"devices .*pick one of 1, or run on more devices"):
-        parallel.create_mesh(1, replicas=4)
+        mesh_lib.create_mesh(1, replicas=4)

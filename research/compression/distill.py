@@ -4,7 +4,6 @@ The teacher's logits are inputs here: the teacher's params stay a separate,
 frozen argument of the train step and never enter the student's optimizer.
 """
 import dataclasses
-import os
 from typing import Any
 
 import flax
@@ -14,6 +13,8 @@ import optax
 from clu import metrics as clu_metrics
 
 from research import errors
+
+PROVIDED = {"provided": True}  # a field the assembly fills in (`assembly.py`)
 
 
 def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array, *,
@@ -100,7 +101,7 @@ class DistillationMetrics(clu_metrics.Collection):
 
 @dataclasses.dataclass(frozen=True)
 class Distillation:
-    """Classification against a frozen teacher restored from its workdir.
+    """Classification against a frozen teacher (a trained run's model).
 
     The teacher runs in evaluation mode (BatchNorm statistics frozen, no
     dropout) on the same preprocessed and augmented batch as the student
@@ -121,51 +122,31 @@ class Distillation:
     alpha: float = 0.1
     teacher_step: int = 0
     metrics_cls: Any = DistillationMetrics
-    teacher_config: Any = dataclasses.field(init=False, default=None)
-    teacher_model: Any = dataclasses.field(init=False, default=None)
+    # Provided by the assembly from the teacher's workdir, never by a config.
+    teacher_model: Any = dataclasses.field(default=None, metadata=PROVIDED)
+    teacher_dataset: str = dataclasses.field(default="", metadata=PROVIDED)
+    teacher_info: Any = dataclasses.field(default=None, metadata=PROVIDED)
 
     def __post_init__(self):
-        from research import config_lib, models  # pylint: disable=g-import-not-at-top
         if not self.teacher_workdir:
             raise errors.UserError("objective_kwargs.teacher_workdir is empty: name "
                                    "the workdir of a trained teacher.")
         check_options(self.temperature, self.alpha, "objective_kwargs.")
-        if not os.path.isfile(os.path.join(self.teacher_workdir,
-                                           config_lib.CONFIG_JSON)):
-            raise errors.UserError(
-                f"objective_kwargs.teacher_workdir={self.teacher_workdir!r} holds no "
-                f"trained run (no {config_lib.CONFIG_JSON}); train the teacher "
-                "there first, or set --config.objective_kwargs.teacher_workdir to "
-                "the workdir of a trained run.")
-        config = config_lib.load_workdir_config(self.teacher_workdir)
-        object.__setattr__(self, "teacher_config", config)
-        object.__setattr__(self, "teacher_model",
-                           models.create_model(config.model, **config.model_kwargs))
 
     def model_input(self, batch):
         return batch["image"]
 
     def check(self, output_shape, info):
         """The teacher must know the student's labels: the same classes."""
-        from research import input_pipeline  # pylint: disable=g-import-not-at-top
-        teacher = self.teacher_config
-        teacher_info = input_pipeline.get_dataset(teacher.dataset).info(teacher)
-        if teacher_info != info:
+        if self.teacher_info != info:
             raise errors.UserError(
                 f"The teacher in {self.teacher_workdir!r} was trained on "
-                f"{teacher.dataset!r} ({teacher_info}), not on this run's classes "
-                f"({info}); distil from a teacher of the same dataset.")
+                f"{self.teacher_dataset!r} ({self.teacher_info}), not on this run's "
+                f"classes ({info}); distil from a teacher of the same dataset.")
         if info.get("num_classes") and output_shape[-1] != info["num_classes"]:
             raise errors.UserError(
                 f"The student outputs {output_shape[-1]} classes but the dataset "
                 f"has {info['num_classes']}.")
-
-    def load_aux(self, mesh) -> dict[str, Any]:
-        """The teacher's variables, replicated over `mesh`."""
-        from research import experiment  # pylint: disable=g-import-not-at-top
-        restored = experiment.restore_variables(
-            self.teacher_config, self.teacher_workdir, self.teacher_step or None, mesh)
-        return {"teacher": restored.variables}
 
     def __call__(self, outputs, batch, *, params, aux, train):
         del params

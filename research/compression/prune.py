@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from research import errors
+from research.core import config_lib
 
 PyTree = Any
 PrunableFn = Callable[[str, Any], bool]
@@ -384,3 +385,54 @@ def metrics(opt_state: Any) -> dict[str, float]:
     total = report.pop("total")
     return {"prune/sparsity": total,
             **{f"prune/sparsity/{k}": v for k, v in report.items()}}
+
+
+def mask_after_update(state: Any) -> Any:
+    """A train-state update hook: lookahead and EMA blend in weights from
+    before pruning, so mask them and the weights they pull back (zeros stay
+    zeros). A state without extras is left as the optimizer made it."""
+    masks = masks_of(state.opt_state)
+    if masks is None or not state.extra_fns:
+        return state
+    return state.replace(
+        params=apply_masks(state.params, masks),
+        extras={k: {**v, "params": apply_masks(v["params"], masks)}
+                if isinstance(v, dict) and "params" in v else v
+                for k, v in state.extras.items()})
+
+
+def state_metrics(state: Any) -> dict[str, float]:
+    """A train-state metrics hook: `metrics` of the state's optimizer."""
+    return metrics(state.opt_state)
+
+
+def hooks(options: Any) -> dict[str, tuple[Callable[..., Any], ...]]:
+    """What `config.prune` plugs into the train state (`state.Hooks`
+    fields): the optax wrapper, outermost (it sets the pruned weights'
+    updates), the re-masking after the extras, and the sparsity metrics."""
+    if not options.sparsity:
+        return {}
+    return {"optimizer": (functools.partial(_wrap, options=options),),
+            "after_update": (mask_after_update,), "metrics": (state_metrics,)}
+
+
+def _wrap(tx: optax.GradientTransformation, total_steps: int, *, options: Any
+          ) -> optax.GradientTransformation:
+    return from_config(tx, options, total_steps)
+
+
+def _run_length(config: Any) -> list[str]:
+    on = config.prune.sparsity and not config.prune.end_step
+    return ["pruning ramp"] if on else []
+
+
+# Magnitude pruning wrapped around the optimizer (`hooks`); off by default.
+SECTION = config_lib.Section("prune", {"prune": {
+    "sparsity": 0.0,              # final fraction of kernel weights pruned; 0: off
+    "schedule": "cubic",          # "cubic" (gradual, Zhu & Gupta) or "one_shot"
+    "scope": "layer",             # rank magnitudes per "layer" or "global"ly
+    "begin_step": 0,              # first mask update
+    "end_step": 0,                # cubic: final sparsity reached; 0: 3/4 of the run
+    "update_every": 100,          # steps between mask updates
+    "exclude": "",                # regex of parameter paths never pruned
+}}, check=lambda config: check_options(config.prune), run_length=_run_length)

@@ -47,6 +47,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from research import errors
+from research.core import config_lib
 from research import models
 
 PyTree = Any
@@ -398,3 +399,10 @@ def load_int8_model(path: str | os.PathLike) -> QuantizedModel:
     ptq = qwix.quantize_model(model, qwix.PtqProvider(
         _rules(qwix.QuantizationRule, spec["module_path"], static=True)))
     return QuantizedModel(ptq.apply, load_int8(path))
+
+
+# Quantization-aware training: the model under qwix's fake quantization
+# (`create_qat_model`, applied by the assembly); off by default.
+SECTION = config_lib.Section("quant", {"quant": {
+    "qat": False,                 # train through int8 fake quantization (qwix)
+}})

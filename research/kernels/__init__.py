@@ -17,7 +17,7 @@ from absl import logging
 import jax
 from jax.sharding import PartitionSpec as P
 
-from research import parallel
+from research import mesh as mesh_lib
 
 _TARGETS = {"research_conv_fwd": "ResearchConvFwd",
             "research_conv_dw": "ResearchConvDw",
@@ -100,7 +100,7 @@ def data_parallel_size() -> int:
     """Devices a batch is split over on the mesh being traced under
     (`jax.set_mesh`, as the trainer does), else 1."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or parallel.DATA_AXIS not in mesh.axis_names:
+    if mesh.empty or mesh_lib.DATA_AXIS not in mesh.axis_names:
         return 1
     return mesh.size
 
@@ -114,7 +114,7 @@ def per_device(fn: Callable, batched: tuple[bool, ...], *args: jax.Array):
     leading = [a.shape[0] for a, b in zip(args, batched) if b]
     if devices == 1 or any(n % devices for n in leading):
         return fn(*args)
-    axes = parallel.batch_axes(jax.sharding.get_abstract_mesh())
+    axes = mesh_lib.batch_axes(jax.sharding.get_abstract_mesh())
     specs = tuple(P(axes) if b else P() for b in batched)
     return jax.shard_map(fn, in_specs=specs, out_specs=P(axes),
                          check_vma=False)(*args)

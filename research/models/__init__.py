@@ -6,6 +6,7 @@ from flax import linen as nn
 from research import errors
 from research.models import airbench
 from research.models import cnn
+from research.models import gpt
 from research.models import rnn
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -13,6 +14,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "convnet": cnn.ConvNet,
     "airbench": airbench.AirbenchNet,
     "char_rnn": rnn.CharRNN,
+    "gpt": gpt.GPT,
 }
 
 

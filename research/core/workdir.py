@@ -8,9 +8,10 @@ lock. In a multi-process job process 0 takes it for the job and every process
 learns the outcome.
 
 A workdir holds a run once its first checkpoint is saved; `config.json` is
-written then. Resuming compares the requested config with the saved one:
-fields that change the experiment are refused with a one-line diff unless
-`--allow_config_change` is given (the change is then recorded in
+written then. Resuming compares the requested config with the saved one
+(each config section declares which of its fields may change, and which
+never may: `config_lib.Section`): fields that change the experiment are
+refused with a one-line diff unless `--allow_config_change` is given (the change is then recorded in
 `config.json`'s `_history`); fields that do not are allowed and logged.
 """
 import fcntl
@@ -26,31 +27,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from research import checkpointing
-from research import config_lib
+from research.core import checkpointing
+from research.core import config_lib
 from research import errors
 
 LOCK_FILE = ".lock"
-# Fields that do not change what is trained: how often to log or save, how
-# the work is laid out on devices, where the data is read from, what is
-# evaluated, how long to train (a longer or shorter run of the same
-# experiment, unless something is laid out over the run's length: see
-# `run_length_dependents`).
-# Both input paths feed the same batches, so `input` and `stream.*` are free.
-FREE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-               "steps_per_call", "num_devices", "data_dir", "download",
-               "eval_batch_size", "eval_split", "num_epochs", "sample.",
-               "augment.eval_views", "augment.final_eval_views", "init_from",
-               "input", "stream", "stream.")
-
-
-# Fields a run cannot resume across, even with --allow_config_change.
-FIXED_FIELDS = {
-    "batch_size": "steps count batches, so its epochs, schedule and data order "
-                  "would no longer line up with the steps already taken",
-    "data_parallel.scheme": "the checkpoint holds another scheme's state",
-    "data_parallel.replicas": "the checkpoint holds one state per replica",
-}
 
 
 def prepare(workdir: str) -> None:
@@ -157,15 +138,16 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict,
     changes = diff(saved, config.to_dict())
     if not changes:
         return history
+    fixed = config_lib.fixed_fields()
     for key, old, new in changes:
-        if key in FIXED_FIELDS:
+        if key in fixed:
             raise errors.UserError(
                 f"config.{key} cannot change when resuming the run in {workdir!r} "
-                f"({old!r} -> {new!r}): {FIXED_FIELDS[key]}. To go on from its "
+                f"({old!r} -> {new!r}): {fixed[key]}. To go on from its "
                 f"weights, start a new --workdir with --config.init_from={workdir}.")
     refused = [c for c in changes if not _free(c[0])]
     described = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
-    length = run_length_dependents(config)
+    length = config_lib.run_length_dependents(config)
     if any(k == "num_epochs" for k, _, _ in changes) and length:
         # Free for a constant rate; here the run's length shapes its course.
         described += (f" (the run's length shapes its {', '.join(length)}: they "
@@ -180,23 +162,6 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict,
                     steps[-1], described)
     return history + [{"step": steps[-1], "time": time.time(), "changes": [
         {"field": k, "from": old, "to": new} for k, old, new in changes]}]
-
-
-def run_length_dependents(config: ml_collections.ConfigDict) -> list[str]:
-    """What in `config` is laid out over the whole run's steps (so that a
-    changed num_epochs reshapes it): a decaying or fractional-warmup learning
-    rate, a pruning ramp, lookahead's schedule."""
-    out = []
-    if config.lr_schedule != "constant":
-        out.append(f"{config.lr_schedule} learning rate")
-    if config.get("warmup_fraction"):
-        out.append("warmup (warmup_fraction)")
-    if config.get("prune") and config.prune.sparsity and not config.prune.get(
-            "end_step"):
-        out.append("pruning ramp")
-    if config.get("lookahead") and config.lookahead.get("every"):
-        out.append("lookahead")
-    return out
 
 
 def record_changes(config: ml_collections.ConfigDict, workdir: str,
@@ -241,8 +206,9 @@ def _plain(value: Any) -> Any:
 
 
 def _free(key: str) -> bool:
+    """Whether a section lets `key` change on resume (`Section.free`)."""
     return any(key == f or (f.endswith(".") and key.startswith(f))
-               for f in FREE_FIELDS)
+               for f in config_lib.free_fields())
 
 
 def _saved_config(workdir: str) -> dict[str, Any] | None:

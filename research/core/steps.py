@@ -1,20 +1,19 @@
 """Pure per-batch functions and the fused multi-step loops built from them.
 
-Nothing here is jitted or does I/O; `experiment.py` binds the static options
-(`Pipeline`, batch size, step count) with `functools.partial` and jits once.
+Nothing here is jitted or does I/O; `core/experiment.py` binds the static
+options (`Pipeline`, step count, the input path's batches, the scheme's step)
+with `functools.partial` and jits once.
 """
 import dataclasses
-import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from clu import metrics as clu_metrics
 from jax import lax
 
-from research import augment
-from research import diloco
-from research import state as state_lib
+from research.core import augment
+from research.core import state as state_lib
 
 Batch = dict[str, jax.Array]
 PyTree = Any
@@ -30,8 +29,6 @@ class Pipeline:
       augment: `config.augment` for keyed training augmentation, or None.
       views: test-time views and their weights: evaluation scores the
         weighted mean of their logits (`augment.EVAL_VIEWS`).
-      gather_fn: `(rows, idx) -> rows[idx]` for rows split over devices
-        (`sharded_data.gather_rows`); None: a plain gather.
       batch_sharding: how a batch is split over devices.
     """
     objective: Any
@@ -39,7 +36,6 @@ class Pipeline:
     augment: Any = None
     views: tuple[tuple[Callable[[jax.Array], jax.Array], float], ...] = (
         (lambda x: x, 1.0),)
-    gather_fn: Callable[[Batch, jax.Array], Batch] | None = None
     batch_sharding: jax.sharding.Sharding | None = None
 
     def constrain(self, tree: PyTree) -> PyTree:
@@ -112,112 +108,52 @@ def eval_step(apply_fn: Callable[..., jax.Array], variables: PyTree, batch: Batc
     return metrics
 
 
-def next_batch(data: Batch, order: jax.Array, step: jax.Array, batch_size: int,
-               pipeline: Pipeline) -> Batch:
-    """Step `step`'s batch: examples `order[k * batch_size:(k + 1) *
-    batch_size]`, with `k = step % (len(order) // batch_size)`, gathered from
-    the rows on device and preprocessed; `index` holds their example numbers."""
-    offset = (step % (order.shape[0] // batch_size)) * batch_size
-    examples = lax.dynamic_slice_in_dim(order, offset, batch_size)
-    rows = jnp.take(data["row_of"], examples)
-    if pipeline.gather_fn is None:  # replicated data: each device takes its rows
-        rows = pipeline.constrain(rows)
-        batch = jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data["rows"])
-    else:
-        batch = pipeline.gather_fn(data["rows"], rows)
-    batch = pipeline.preprocess_fn(batch)
-    return pipeline.constrain({**batch, "index": examples})
+class Carry(NamedTuple):
+    """What a train chunk carries from step to step (donated to each call):
+    the state, the metrics merged so far and the first step whose loss was
+    not finite (-1: none yet)."""
+    state: Any
+    totals: clu_metrics.Collection
+    bad_step: jax.Array
 
 
-def stream_batch(batches: Batch, i: int, pipeline: Pipeline) -> Batch:
-    """Step i of a chunk of streamed batches ([steps, batch, ...] rows with
-    their example numbers in `index`), preprocessed like `next_batch`."""
-    rows = {k: v[i] for k, v in batches.items() if k != "index"}
-    batch = pipeline.preprocess_fn(rows)
-    return pipeline.constrain({**batch, "index": batches["index"][i]})
+def train_chunk(carry: Carry, inputs: PyTree, keys: PyTree, aux: PyTree, *,
+                num_steps: int, steps_per_epoch: int, batch_fn: Callable[..., Batch],
+                step_fn: Callable[..., Any], pipeline: Pipeline) -> Carry:
+    """Runs `num_steps` train steps in one call.
 
-
-def _train_one(state: state_lib.TrainState, totals: clu_metrics.Collection,
-               bad_step: jax.Array, batch: Batch, keys: PyTree, aux: PyTree, *,
-               steps_per_epoch: int, grad_accum_steps: int, pipeline: Pipeline
-               ) -> tuple[state_lib.TrainState, clu_metrics.Collection, jax.Array]:
-    """One step on a preprocessed batch: augmentation, update, bookkeeping."""
-    step = state.step
-    if pipeline.augment is not None:
-        batch = augment.augment_batch(batch, keys["augment"], step,
-                                      step // steps_per_epoch,
-                                      options=pipeline.augment)
-    if isinstance(state, diloco.DilocoState):  # K replicas, synced every H
-        state, metrics, loss = diloco.train_step(
-            state, batch, keys["dropout"], aux, mesh=pipeline.batch_sharding.mesh,
-            inner_step=functools.partial(train_step, objective=pipeline.objective))
-    else:
-        state, metrics, loss = train_step(
-            state, batch, keys["dropout"], aux, objective=pipeline.objective,
-            grad_accum_steps=grad_accum_steps, constrain=pipeline.constrain)
-    bad_step = jnp.where((bad_step < 0) & ~jnp.isfinite(loss), step, bad_step)
-    return state, totals.merge(metrics), bad_step
-
-
-def train_steps(state: state_lib.TrainState, totals: clu_metrics.Collection,
-                bad_step: jax.Array, data: Batch, order: jax.Array, keys: PyTree,
-                aux: PyTree, *, num_steps: int, batch_size: int,
-                grad_accum_steps: int, pipeline: Pipeline
-                ) -> tuple[state_lib.TrainState, clu_metrics.Collection, jax.Array]:
-    """Runs `num_steps` train steps in one call, reading batches on device.
-
-    The data order depends on the step alone (`next_batch`), so a run resumed
-    from any step repeats an uninterrupted one exactly. The steps are
-    unrolled, not a `lax.fori_loop`: XLA:CPU runs LeNet's convolutions 2.5x
-    slower inside a while loop (measured; docs/speed.md).
+    The steps are unrolled, not a `lax.fori_loop`: XLA:CPU runs LeNet's
+    convolutions 2.5x slower inside a while loop (measured; docs/speed.md).
+    Where the batches come from is the input path's business (`batch_fn`:
+    rows on the devices, or batches the host read); how a step updates the
+    state over the mesh is the parallel scheme's (`step_fn`).
 
     Args:
-      state: the train state; donated by the caller.
-      totals: metrics merged so far; this call's steps are merged in.
-      bad_step: the first step whose loss was not finite so far, or -1.
-      data: `rows` (the split on device, each array [rows, ...]) and `row_of`
-        [examples] int32, the row holding each example.
-      order: this epoch's order of example numbers, [examples] int32.
+      carry: the state, metrics and bad step; donated by the caller.
+      inputs: the chunk's step inputs, as the input path made them.
       keys: the run's `dropout` and `augment` keys; steps fold in their number.
       aux: the objective's extra inputs (e.g. a teacher), not differentiated.
       num_steps: how many steps to run (static).
-      batch_size: examples per step.
-      grad_accum_steps: micro-batches per step (see `train_step`).
-      pipeline: how rows become batches and how they are scored.
-
-    Returns:
-      The new state, the merged metrics and the updated `bad_step`.
-    """
-    steps_per_epoch = order.shape[0] // batch_size
-    for _ in range(num_steps):
-        batch = next_batch(data, order, state.step, batch_size, pipeline)
-        state, totals, bad_step = _train_one(
-            state, totals, bad_step, batch, keys, aux,
-            steps_per_epoch=steps_per_epoch, grad_accum_steps=grad_accum_steps,
-            pipeline=pipeline)
-    return state, totals, bad_step
-
-
-def stream_steps(state: state_lib.TrainState, totals: clu_metrics.Collection,
-                 bad_step: jax.Array, batches: Batch, keys: PyTree, aux: PyTree, *,
-                 steps_per_epoch: int, grad_accum_steps: int, pipeline: Pipeline
-                 ) -> tuple[state_lib.TrainState, clu_metrics.Collection, jax.Array]:
-    """`train_steps` on batches read by the host (the streaming path).
-
-    Args:
-      batches: the chunk's rows, [num_steps, batch, ...] split over the data
-        axis along the batch, with `index` [num_steps, batch] int32: the
-        examples' numbers in the split (they key the augmentation).
       steps_per_epoch: steps in an epoch (alternating flip needs the epoch).
-      (the others as in `train_steps`; the step count is the chunk's length.)
+      batch_fn: `(inputs, i, step, pipeline) -> batch`: step i of the chunk,
+        preprocessed, with the examples' numbers in `index`.
+      step_fn: `(state, batch, rng, aux, constrain=) -> (state, metrics,
+        loss)`: one optimizer step (`train_step` as the scheme runs it).
+      pipeline: how rows become batches and how they are scored.
     """
-    for i in range(batches["index"].shape[0]):
-        batch = stream_batch(batches, i, pipeline)
-        state, totals, bad_step = _train_one(
-            state, totals, bad_step, batch, keys, aux,
-            steps_per_epoch=steps_per_epoch, grad_accum_steps=grad_accum_steps,
-            pipeline=pipeline)
-    return state, totals, bad_step
+    state, totals, bad_step = carry
+    for i in range(num_steps):
+        step = state.step
+        batch = batch_fn(inputs, i, step, pipeline)
+        if pipeline.augment is not None:
+            batch = augment.augment_batch(batch, keys["augment"], step,
+                                          step // steps_per_epoch,
+                                          options=pipeline.augment)
+        state, metrics, loss = step_fn(state, batch, keys["dropout"], aux,
+                                       constrain=pipeline.constrain)
+        bad_step = jnp.where((bad_step < 0) & ~jnp.isfinite(loss), step, bad_step)
+        totals = totals.merge(metrics)
+    return Carry(state, totals, bad_step)
 
 
 def eval_merge(apply_fn: Callable[..., jax.Array], variables: PyTree,

@@ -34,18 +34,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from research import errors
-from research import parallel
-from research import state as state_lib
+from research.core import config_lib
+from research.core import schemes
+from research.models import impl
+from research import mesh as mesh_lib
+from research.core import state as state_lib
 
 PyTree = Any
-REPLICA_AXIS = parallel.REPLICA_AXIS
-SCHEMES = ("sync", "diloco")
+REPLICA_AXIS = mesh_lib.REPLICA_AXIS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,20 +59,13 @@ class Options:
     delayed: bool
 
 
-def options(config: ml_collections.ConfigDict) -> Options | None:
-    """The DiLoCo options, or None for synchronous data parallelism.
+def options(config: ml_collections.ConfigDict) -> Options:
+    """`config.data_parallel` checked, for `scheme="diloco"`.
 
     Raises:
-      UserError: an unknown scheme or bad numbers.
+      UserError: bad numbers, or a feature DiLoCo does not combine with.
     """
-    dp = config.get("data_parallel")
-    if dp is None:
-        return None
-    if dp.scheme not in SCHEMES:
-        raise errors.UserError(f"config.data_parallel.scheme={dp.scheme!r}; choose "
-                               f"from {SCHEMES}.")
-    if dp.scheme == "sync":
-        return None
+    dp = config.data_parallel
     if dp.replicas < 1 or dp.sync_every < 1:
         raise errors.UserError("config.data_parallel needs replicas >= 1 and "
                                "sync_every >= 1.")
@@ -95,12 +89,6 @@ def options(config: ml_collections.ConfigDict) -> Options | None:
             f"{', '.join(unsupported)}; turn them off or use scheme='sync'.")
     return Options(dp.replicas, dp.sync_every, dp.outer_learning_rate,
                    dp.outer_momentum, dp.delayed)
-
-
-def replicas(config: ml_collections.ConfigDict) -> int:
-    """K for the mesh's replica axis under DiLoCo; 0 (no such axis) else."""
-    opts = options(config)
-    return 0 if opts is None else opts.replicas
 
 
 class DilocoState(struct.PyTreeNode):
@@ -268,14 +256,14 @@ def inner_steps(state: DilocoState, batch: dict[str, jax.Array], rng: jax.Array,
     replicas.)"""
     k = state.options.replicas
     # Replica r takes rows [r B / K, (r + 1) B / K): the rows its devices hold.
-    by_replica = NamedSharding(mesh, P(REPLICA_AXIS, parallel.DATA_AXIS))
+    by_replica = NamedSharding(mesh, P(REPLICA_AXIS, mesh_lib.DATA_AXIS))
     split = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
         x.reshape((k, x.shape[0] // k) + x.shape[1:]), by_replica), batch)
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(k))
 
     def constrain(tree):  # within a replica: over its devices
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-            x, P(parallel.DATA_AXIS)), tree)
+            x, P(mesh_lib.DATA_AXIS)), tree)
 
     def one_replica(inner, rows, key, aux):
         first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
@@ -304,81 +292,78 @@ def train_step(state: DilocoState, batch: dict[str, jax.Array], rng: jax.Array,
     return state, metrics, loss
 
 
-def parameter_bytes(tree: PyTree) -> int:
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(tree))
+@dataclasses.dataclass(frozen=True)
+class Diloco:
+    """The `Scheme` (core/schemes.py) of DiLoCo with `options`."""
+    options: Options
 
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "Diloco":
+        return cls(options(config))
 
-def communication(state: Any, step: int, devices: int, final_step: int = 0
-                  ) -> dict[str, float]:
-    """What the schedule has sent so far, per participant of the all-reduce
-    (a device for `sync`, a replica for DiLoCo; the payload, before the
-    all-reduce algorithm's own factor): the number of all-reduces of the
-    model ("syncs", DiLoCo's last one after `final_step` included) and the
-    bytes per step averaged over the run."""
-    if isinstance(state, DilocoState):
+    def create_mesh(self, num_devices):
+        return mesh_lib.create_mesh(num_devices, self.options.replicas)
+
+    def state_shardings(self, state, param_specs, mesh):
+        del state, param_specs  # each replica holds the whole model
+        return mesh_lib.replicated(mesh)
+
+    def distribute(self, state, total_steps, mesh):
+        return jax.jit(lambda s, t: create(s, self.options, t),
+                       out_shardings=shardings(self.options, mesh))(state, total_steps)
+
+    def shardings(self, state, mesh):
+        del state
+        return shardings(self.options, mesh)
+
+    def train_step(self, state, batch, rng, aux, *, inner_step, mesh, constrain):
+        del constrain  # each replica constrains over its own devices
+        return train_step(state, batch, rng, aux, inner_step=inner_step, mesh=mesh)
+
+    def trace(self, fn):
+        """`fn` traced with XLA's convolutions: the kernels' shard_map is not
+        written for the replicas' manual axis."""
+        if impl.kernels() is None:
+            return fn
+
+        def traced_with_xla(*args, **kwargs):
+            with impl.kernels().xla_only():
+                return fn(*args, **kwargs)
+        return traced_with_xla
+
+    def train_state(self, state):
+        return state.inner
+
+    def checkpoint_items(self, state, loop):
+        return state.checkpoint_items(loop)
+
+    def restore_items(self, state, items):
+        return state.restore_items(items)
+
+    def communication(self, state, step, devices, final_step):
+        """The all-reduces of the model so far, per replica (the last one
+        after `final_step` included), and the bytes per step over the run."""
+        del devices
         h = state.options.sync_every
         syncs = step // h + int(step % h != 0 and step == final_step)
-        per_sync = parameter_bytes(state.outer_params) + parameter_bytes(
-            state.outer_model_state)
-    else:  # a gradient all-reduce every step, over several devices
-        syncs = step if devices > 1 else 0
-        per_sync = parameter_bytes(state.params)
-    return {"comm/syncs": float(syncs),
-            "comm/bytes_per_step": per_sync * syncs / max(step, 1)}
+        per_sync = schemes.parameter_bytes(state.outer_params) + (
+            schemes.parameter_bytes(state.outer_model_state))
+        return {"comm/syncs": float(syncs),
+                "comm/bytes_per_step": per_sync * syncs / max(step, 1)}
 
 
-def allreduce_seconds(num_bytes: float, participants: int, gbit_per_s: float,
-                      latency_s: float) -> float:
-    """A ring all-reduce of `num_bytes` over `participants` links of
-    `gbit_per_s` each: 2 (n - 1) steps, each moving num_bytes / n and paying
-    the latency once (the bandwidth-optimal textbook model)."""
-    if participants <= 1:
-        return 0.0
-    n = participants
-    return 2 * (n - 1) * (latency_s + num_bytes / n / (gbit_per_s * 1e9 / 8))
-
-
-def modeled_step_seconds(compute_s: float, num_bytes: float, participants: int,
-                         gbit_per_s: float, latency_s: float, sync_every: int = 1,
-                         delayed: bool = False) -> float:
-    """Wall-clock time per step: compute, plus the all-reduce of every
-    `sync_every`-th step (sync: every step) blocking, or, `delayed`, only the
-    part of it that a period of compute does not hide."""
-    comm = allreduce_seconds(num_bytes, participants, gbit_per_s, latency_s)
-    if delayed:
-        return compute_s + max(0.0, comm - sync_every * compute_s) / sync_every
-    return compute_s + comm / sync_every
-
-
-def wall_clock_table(compute_s: float, num_bytes: float, *, latency_s: float,
-                     replicas=(4, 16, 64, 256, 1024), links=(1, 10, 100),
-                     sync_every=(16, 64)) -> str:
-    """Markdown: modeled seconds per step of `sync` (an all-reduce of
-    `num_bytes` every step) and of DiLoCo (every H steps, blocking or
-    delayed), for K participants on links of `links` Gbit/s."""
-    schemes = [("sync", 1, False)] + [
-        (f"H={h}{' delayed' if d else ''}", h, d)
-        for h in sync_every for d in (False, True)]
-    lines = ["| K | link | " + " | ".join(n for n, _, _ in schemes) + " |",
-             "|---" * (2 + len(schemes)) + "|"]
-    for k in replicas:
-        for gbit in links:
-            cells = [modeled_step_seconds(compute_s, num_bytes, k, gbit, latency_s,
-                                          h, d) for _, h, d in schemes]
-            lines.append(f"| {k} | {gbit} Gbit/s | " + " | ".join(
-                f"{1e3 * c:.1f} ms ({c / compute_s:.2f}x)" for c in cells) + " |")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import argparse  # pylint: disable=g-import-not-at-top
-    parser = argparse.ArgumentParser(description="The wall-clock model's table.")
-    parser.add_argument("--compute_ms", type=float, required=True,
-                        help="compute time of one step (per replica)")
-    parser.add_argument("--mbytes", type=float, required=True,
-                        help="megabytes all-reduced per sync (the parameters)")
-    parser.add_argument("--latency_us", type=float, default=50.0)
-    args = parser.parse_args()
-    print(wall_clock_table(args.compute_ms / 1e3, args.mbytes * 1e6,
-                           latency_s=args.latency_us * 1e-6))
+# Data parallelism: "sync" (parallel/sync.py) all-reduces the gradients every
+# step; "diloco" trains `replicas` copies (each a group of devices) that
+# average their parameter changes every `sync_every` steps into an outer
+# Nesterov SGD step; `delayed` applies each average one period late. The
+# scheme's name is checked against the registry by the assembly.
+SECTION = config_lib.Section("data_parallel", {"data_parallel": {
+    "scheme": "sync",             # key of core/schemes.SCHEMES: "sync", "diloco",
+    #                               "sharded" (data, FSDP, tensor: config.sharding)
+    "replicas": 4,                # diloco: K, dividing the device count
+    "sync_every": 16,             # diloco: H inner steps between syncs
+    "outer_learning_rate": 0.7,   # diloco: the outer SGD's (paper: 0.7)
+    "outer_momentum": 0.9,        # diloco: Nesterov momentum (paper: 0.9)
+    "delayed": False,             # diloco: overlap the outer step with a period
+}}, fixed={"data_parallel.scheme": "the checkpoint holds another scheme's state",
+           "data_parallel.replicas": "the checkpoint holds one state per replica"})

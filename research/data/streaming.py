@@ -33,11 +33,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from research import errors
-from research import input_pipeline
-from research import parallel
-from research import records
+from research.core import config_lib
+from research.data import input_pipeline
+from research.data import tfds_reader
+from research import mesh as mesh_lib
+from research.data import records
 
-INPUTS = ("auto", "memory", "stream")
 _NO_STREAM = ("config.input='stream', but dataset {!r} has no streaming rows (its "
               "spec defines no stream_features); use --config.input=memory.")
 Batch = dict[str, jax.Array]
@@ -50,11 +51,10 @@ def _grain():
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-    """Raises UserError for an unknown `config.input` or bad stream settings."""
+    """Raises UserError for bad stream settings, or "stream" for a dataset
+    that cannot stream (the input path's name is checked by the assembly)."""
     if "input" not in config:  # configs saved before streaming existed
         return
-    if config.input not in INPUTS:
-        raise errors.UserError(f"config.input={config.input!r}; choose from {INPUTS}.")
     if config.input == "stream" and not can_stream(
             input_pipeline.get_dataset(config.dataset)):
         raise errors.UserError(_NO_STREAM.format(config.dataset))
@@ -104,7 +104,7 @@ def choose(config: ml_collections.ConfigDict, dataset: input_pipeline.DatasetSpe
     examples = _converted_examples(config, dataset, split)
     converted = examples is not None
     if not converted:
-        examples = input_pipeline.prepared_examples(dataset, config, split)
+        examples = tfds_reader.prepared_examples(dataset, config, split)
     if examples is None:
         return "memory"
     size = examples * records.row_bytes(features) / jax.process_count()
@@ -117,7 +117,7 @@ def choose(config: ml_collections.ConfigDict, dataset: input_pipeline.DatasetSpe
             f"{config.stream.memory_limit_mb}: stream it. Convert it once with `"
             + records.CONVERT_HINT.format(name=dataset.tfds_name,
                                           split=",".join(
-                                              input_pipeline.base_splits(split)),
+                                              tfds_reader.base_splits(split)),
                                           out=stream_dir(config) or "DIR")
             + "` and set --config.stream.dir (or raise the limit).")
     logging.info("Streaming %s[%s]: %.0f MB per process, over the %g MB limit.",
@@ -128,10 +128,10 @@ def choose(config: ml_collections.ConfigDict, dataset: input_pipeline.DatasetSpe
 def _converted_examples(config, dataset, split) -> int | None:
     """The converted split's example count, or None if any part is missing."""
     folder = stream_dir(config)
-    names = input_pipeline.base_splits(split)
+    names = tfds_reader.base_splits(split)
     if not folder or len(names) != 1:
         return None
-    version = input_pipeline.dataset_version(dataset)
+    version = tfds_reader.dataset_version(dataset)
     if names[0] not in records.converted_splits(folder, dataset.tfds_name, version):
         return None
     return open_source(config, dataset, split).num_examples
@@ -153,15 +153,15 @@ def open_source(config: ml_collections.ConfigDict,
         other features or missing files (each with the command that fixes
         it), or a split string that cannot stream exactly.
     """
-    names = input_pipeline.base_splits(split)
+    names = tfds_reader.base_splits(split)
     if len(names) != 1 or "+" in split:
         raise errors.UserError(
             f"Split {split!r} adds splits, which TFDS reads interleaved; streaming "
             "reads one named split, whole or sliced. Use --config.input=memory.")
     reader = records.open_split(stream_dir(config), dataset.tfds_name,
-                                input_pipeline.dataset_version(dataset), names[0],
+                                tfds_reader.dataset_version(dataset), names[0],
                                 dataset.stream_features(config))
-    (_, start, stop), = input_pipeline.split_ranges(
+    (_, start, stop), = tfds_reader.split_ranges(
         split, {names[0]: reader.num_records})
     sliced = (start, stop) != (0, reader.num_records)
     if sliced and reader.meta["source"].get("tfds_files", 1) > 1:
@@ -178,7 +178,7 @@ def open_source(config: ml_collections.ConfigDict,
 def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
     """The rows [lo, hi) of every global batch that this process's devices
     hold when a batch is split over the mesh's data axis."""
-    sharding = NamedSharding(mesh, P(parallel.batch_axes(mesh)))
+    sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
     spans = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
                     for s in sharding.addressable_devices_indices_map(
                         (batch_size,)).values()})
@@ -213,7 +213,7 @@ def batch_spec(features: records.Features, batch_size: int, mesh: jax.sharding.M
     """Shapes and shardings of streamed batches, to compile ahead of time:
     [num_steps, batch, ...] (or [batch, ...] without num_steps)."""
     lead = (batch_size,) if num_steps is None else (num_steps, batch_size)
-    axes = parallel.batch_axes(mesh)
+    axes = mesh_lib.batch_axes(mesh)
     spec = P(axes) if num_steps is None else P(None, axes)
     sharding = NamedSharding(mesh, spec)
     fields = {k: (tuple(s), np.dtype(d)) for k, (s, d) in features.items()}
@@ -266,7 +266,7 @@ class TrainStream:
         self.start, self.stop, self.chunk_size = start, stop, chunk_size
         self.options = options
         self.lo, self.hi = process_rows(mesh, batch_size)
-        self.sharding = NamedSharding(mesh, P(None, parallel.batch_axes(mesh)))
+        self.sharding = NamedSharding(mesh, P(None, mesh_lib.batch_axes(mesh)))
         self.counts: dict[int, EpochCount] = {}
         self._lock = threading.Lock()
         self._queue = queue.Queue(maxsize=options.device_prefetch)
@@ -395,7 +395,7 @@ def eval_batches(source: records.Source, batch_size: int, mesh: jax.sharding.Mes
     num_batches = -(-source.num_examples // batch_size)
     dataset = grain.MapDataset.range(num_batches).map(
         functools.partial(_read_eval, source, batch_size, lo, hi))
-    sharding = NamedSharding(mesh, P(parallel.batch_axes(mesh)))
+    sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
     iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=options.threads, prefetch_buffer_size=options.prefetch_steps)))
     try:
@@ -403,3 +403,18 @@ def eval_batches(source: records.Source, batch_size: int, mesh: jax.sharding.Mes
             yield place(local, sharding, 0, batch_size)
     finally:
         iterator.close()
+
+
+# Input path: "memory" reads a split whole onto the devices; "stream" reads
+# each step's rows from ArrayRecord files (python -m research.convert); "auto"
+# streams a converted split larger than stream.memory_limit_mb per process.
+# Both give the same batches, so the section may change on resume.
+SECTION = config_lib.Section("input", {
+    "input": "auto",
+    "stream": {
+        "dir": "",                # converted data; "": $RESEARCH_STREAM_DIR
+        "memory_limit_mb": 4096.0,  # "auto": larger splits stream
+        "threads": 2,             # reader threads per process (Grain)
+        "prefetch_steps": 16,     # batches read ahead on the host
+        "device_prefetch": 2,     # chunks of steps placed on the devices ahead
+    }}, check=check, free=("input", "stream", "stream."))

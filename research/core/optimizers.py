@@ -5,15 +5,16 @@ optimizer (`OPTIMIZERS`) on the named schedule (`LR_SCHEDULES`), with weight
 decay, per-group learning-rate multipliers (`config.param_groups`: a regex
 on parameter paths such as "Conv_0/kernel"; multiplier 0 freezes a group,
 `train_epochs` freezes it after that many epochs), gradient clipping, and
-magnitude pruning around all of it.
+what features wrap around all of it (e.g. magnitude pruning).
 
 Weight decay follows airbench's parametrization: `weight_decay` is the decay
 per step at the peak learning rate, whatever a group's multiplier. It enters
 the gradient as `weight_decay / (learning_rate * multiplier) * w`, so it goes
 through momentum as in PyTorch's SGD and follows the schedule.
 """
+import math
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +22,11 @@ import ml_collections
 import optax
 
 from research import errors
-from research.compression import prune
+from research.core import config_lib
 
 PyTree = Any
+# (tx, total_steps) -> tx: a feature's optimizer wrapper (e.g. pruning).
+Wrapper = Callable[[optax.GradientTransformation, int], optax.GradientTransformation]
 
 
 def warmup_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
@@ -106,8 +109,11 @@ def _group_transform(config: ml_collections.ConfigDict, schedule: optax.Schedule
 
 
 def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
-                     steps_per_epoch: int = 0) -> optax.GradientTransformation:
-    """The config's optimizer, schedule, groups, clipping and pruning."""
+                     steps_per_epoch: int = 0, wrappers: Sequence[Wrapper] = ()
+                     ) -> optax.GradientTransformation:
+    """The config's optimizer, schedule, groups and clipping, then each of
+    `wrappers` around it, the last outermost (features such as pruning
+    plug in here: `wrapper(tx, total_steps) -> tx`)."""
     if config.optimizer not in OPTIMIZERS:
         raise errors.UserError(f"Unknown optimizer {config.optimizer!r}; choose "
                                f"from {sorted(OPTIMIZERS)}.")
@@ -126,13 +132,30 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
         tx = transforms["default"]
     if config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-    if config.prune.sparsity:  # outermost: it sets the pruned weights' updates
-        tx = prune.from_config(tx, config.prune, total_steps)
+    for wrap in wrappers:
+        tx = wrap(tx, total_steps)
     return tx
 
 
 def check(config: ml_collections.ConfigDict) -> None:
     """Checks the optimizer's fields before any compute; raises UserError."""
+    for field, registry in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
+        if config[field] not in registry:
+            raise errors.UserError(
+                f"Unknown {field} {config[field]!r} (config.{field}); choose from "
+                f"{sorted(registry)}.")
+    if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
+        raise errors.UserError(
+            f"config.learning_rate must be positive, got {config.learning_rate}.")
+    if not 0 <= config.momentum < 1:
+        raise errors.UserError(
+            f"config.momentum must be in [0, 1), got {config.momentum}.")
+    if config.warmup_steps < 0 or config.grad_clip_norm < 0:
+        raise errors.UserError("config.warmup_steps and config.grad_clip_norm must "
+                               "be >= 0 (0 turns them off).")
+    if config.grad_accum_steps < 1:
+        raise errors.UserError("config.grad_accum_steps must be a positive integer, "
+                               f"got {config.grad_accum_steps}.")
     if config.weight_decay < 0 or config.warmup_fraction < 0 or (
             config.warmup_fraction >= 1):
         raise errors.UserError("config.weight_decay must be >= 0 and "
@@ -146,3 +169,42 @@ def check(config: ml_collections.ConfigDict) -> None:
         if options.lr_scale < 0 or options.train_epochs < 0:
             raise errors.UserError(f"config.param_groups.{name} needs lr_scale >= 0 "
                                    "and train_epochs >= 0 (0: the whole run).")
+
+
+def check_schedule(config: ml_collections.ConfigDict, total_steps: int) -> None:
+    """Checks the learning-rate schedule against the run's length."""
+    if (warmup_steps(config, total_steps) >= total_steps
+            and config.lr_schedule != "constant"):
+        raise errors.UserError(
+            f"config.warmup_steps={config.warmup_steps} is not below the run's "
+            f"{total_steps} steps, so the {config.lr_schedule} decay never starts; "
+            "lower warmup_steps or train longer.")
+
+
+def _run_length(config: ml_collections.ConfigDict) -> list[str]:
+    out = []
+    if config.lr_schedule != "constant":
+        out.append(f"{config.lr_schedule} learning rate")
+    if config.get("warmup_fraction"):
+        out.append("warmup (warmup_fraction)")
+    return out
+
+
+SECTION = config_lib.Section("optimizer", {
+    "optimizer": "sgd",           # key of OPTIMIZERS
+    "learning_rate": 0.001,       # peak, after any warmup
+    "momentum": 0.9,              # SGD momentum; 0 for plain SGD
+    "nesterov": False,            # Nesterov momentum (SGD)
+    "lr_schedule": "constant",    # key of LR_SCHEDULES: constant, cosine or linear
+    #                               (decay to end_learning_rate)
+    "warmup_steps": 0,            # linear warmup ...
+    "warmup_fraction": 0.0,       # ... or over this fraction of the run (if > 0)
+    "warmup_start_factor": 0.0,   # the warmup starts at this x learning_rate
+    "end_learning_rate": 0.0,     # where "cosine" and "linear" end
+    "weight_decay": 0.0,          # decay per step at the peak lr (module doc)
+    # Per-group learning-rate multipliers: name -> {pattern (regex on paths like
+    # "Conv_0/kernel"), lr_scale (0: frozen), train_epochs (frozen after; 0: all)}.
+    "param_groups": {},
+    "grad_clip_norm": 0.0,        # clip gradients to this global norm; 0: off
+    "grad_accum_steps": 1,        # micro-batches per step: same update, less memory
+}, check=check, run_length=_run_length)

@@ -1,7 +1,7 @@
 """Compression of CIFAR-10 models: distillation, pruning, int8 quantization.
 
-python -m research.compress --config=configs/compress_cifar.py --workdir=runs/compress
-python -m research.compress --config=configs/compress_cifar.py:smoke \
+python -m research.compress --config=configs/pipelines/compress_cifar.py --workdir=runs/compress
+python -m research.compress --config=configs/pipelines/compress_cifar.py:smoke \
     --workdir=runs/compress_smoke
 
 The teacher and the student are ordinary experiment configs plus overrides;

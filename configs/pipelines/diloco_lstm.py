@@ -1,7 +1,8 @@
 """DiLoCo against synchronous data parallelism on Tiny Shakespeare (a sweep).
 
 XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-    python -m research.sweep --config=configs/diloco_lstm.py --workdir=runs/diloco_lstm
+    python -m research.sweep --config=configs/pipelines/diloco_lstm.py \
+        --workdir=runs/diloco_lstm
 
 A 1 x 256 character LSTM (Adam inside, as DiLoCo's paper has AdamW) on 8
 devices, K = 4 replicas of 2 devices; XLA's LSTM for every variant (the C++
@@ -9,7 +10,7 @@ kernel is not used under DiLoCo), the same steps and global batch.
 """
 import ml_collections
 
-from configs import diloco_cifar
+from configs.pipelines import diloco_cifar
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

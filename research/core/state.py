@@ -18,8 +18,8 @@ from flax import linen as nn
 from flax import struct
 
 from research import errors
-from research import optimizers
-from research.compression import prune
+from research.core import config_lib
+from research.core import optimizers
 
 PyTree = Any
 
@@ -110,6 +110,21 @@ def create_extras(config: ml_collections.ConfigDict, total_steps: int = 0
     return extras
 
 
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """What features plug into the train state (the assembly builds them
+    from the config; the core knows none of the features).
+
+    Attributes:
+      optimizer: `(tx, total_steps) -> tx` wrappers, the last outermost.
+      after_update: `state -> state` after each update and its extras.
+      metrics: `state -> {name: value}` logged with the train metrics.
+    """
+    optimizer: tuple[Callable[..., Any], ...] = ()
+    after_update: tuple[Callable[[Any], Any], ...] = ()
+    metrics: tuple[Callable[[Any], dict[str, float]], ...] = ()
+
+
 class TrainState(struct.PyTreeNode):
     """Step, params, the model's other collections, optimizer state, extras."""
     step: jax.Array
@@ -120,15 +135,20 @@ class TrainState(struct.PyTreeNode):
     apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     extra_fns: tuple[Extra, ...] = struct.field(pytree_node=False, default=())
+    # Features' `state -> state` after each update (pruning re-masks).
+    update_hooks: tuple[Callable[["TrainState"], "TrainState"], ...] = struct.field(
+        pytree_node=False, default=())
 
     @classmethod
-    def create(cls, *, apply_fn, variables: PyTree, tx, extra_fns=()) -> "TrainState":
+    def create(cls, *, apply_fn, variables: PyTree, tx, extra_fns=(),
+               update_hooks=()) -> "TrainState":
         params = variables["params"]
         model_state = {k: v for k, v in variables.items() if k != "params"}
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    model_state=model_state, opt_state=tx.init(params),
                    extras={e.name: e.init(variables) for e in extra_fns},
-                   apply_fn=apply_fn, tx=tx, extra_fns=tuple(extra_fns))
+                   apply_fn=apply_fn, tx=tx, extra_fns=tuple(extra_fns),
+                   update_hooks=tuple(update_hooks))
 
     @property
     def variables(self) -> dict[str, PyTree]:
@@ -150,7 +170,7 @@ class TrainState(struct.PyTreeNode):
         return None
 
     def apply_gradients(self, grads: PyTree, model_state: PyTree) -> "TrainState":
-        """One optimizer step; then every extra is updated."""
+        """One optimizer step; then every extra is updated, then the hooks run."""
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         state = self.replace(step=self.step + 1,
                              params=optax.apply_updates(self.params, updates),
@@ -158,15 +178,8 @@ class TrainState(struct.PyTreeNode):
         for extra in self.extra_fns:
             value, state = extra.update(state.extras[extra.name], state)
             state = state.replace(extras={**state.extras, extra.name: value})
-        masks = prune.masks_of(opt_state)
-        if masks is not None and self.extra_fns:
-            # Lookahead and EMA blend in weights from before pruning: mask
-            # them and the weights they pull back, so zeros stay zeros.
-            state = state.replace(
-                params=prune.apply_masks(state.params, masks),
-                extras={k: {**v, "params": prune.apply_masks(v["params"], masks)}
-                        if isinstance(v, dict) and "params" in v else v
-                        for k, v in state.extras.items()})
+        for hook in self.update_hooks:
+            state = hook(state)
         return state
 
 
@@ -175,10 +188,8 @@ def checkpoint_items(state: TrainState, loop: PyTree) -> dict[str, PyTree]:
 
     `model` holds the evaluation variables alone, so evaluation, sampling and
     teachers restore them without an optimizer; `train` holds the rest.
-    A state of another scheme (`diloco.DilocoState`) maps itself.
+    (A parallel scheme maps its own state: `Scheme.checkpoint_items`.)
     """
-    if not isinstance(state, TrainState):
-        return state.checkpoint_items(loop)
     train = {"step": state.step, "opt_state": state.opt_state, "loop": loop}
     if state.extras:
         train["extras"] = state.extras
@@ -191,8 +202,6 @@ def restore_items(state: TrainState, items: dict[str, PyTree]
                   ) -> tuple[TrainState, PyTree]:
     """`state` (the template) with the restored `items`; returns it and the
     loop's running metrics."""
-    if not isinstance(state, TrainState):
-        return state.restore_items(items)
     train = items["train"]
     variables = train.get("variables", items["model"])
     state = state.replace(
@@ -202,23 +211,21 @@ def restore_items(state: TrainState, items: dict[str, PyTree]
     return state, train["loop"]
 
 
-def state_metrics(state: TrainState) -> dict[str, float]:
-    """Scalars the state reports besides the loss (e.g. pruned fractions)."""
-    return prune.metrics(state.opt_state)
-
-
 def init_variables(rng: jax.Array, model: nn.Module,
                    input_shape: tuple[int, ...], input_dtype: Any = jnp.float32
                    ) -> dict[str, PyTree]:
-    """Model variables for inputs of `input_shape` (batch axis included)."""
-    return dict(model.init(rng, jnp.zeros(input_shape, input_dtype), train=False))
+    """Model variables for inputs of `input_shape` (batch axis included);
+    logical axis names (`nn.with_logical_partitioning`) are dropped here:
+    the scheme reads them from the model (`Experiment.param_specs`)."""
+    return dict(nn.meta.unbox(model.init(rng, jnp.zeros(input_shape, input_dtype),
+                                         train=False)))
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
                        model: nn.Module, input_shape: tuple[int, ...],
                        input_dtype: Any = jnp.float32, total_steps: int = 0,
-                       steps_per_epoch: int = 0, variables: PyTree = None
-                       ) -> TrainState:
+                       steps_per_epoch: int = 0, variables: PyTree = None,
+                       hooks: "Hooks | None" = None) -> TrainState:
     """Initialises the model, the optimizer and the extras the config names.
 
     Args:
@@ -230,14 +237,34 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
       total_steps: the run's length, for decaying schedules.
       steps_per_epoch: for parameter groups trained for some epochs only.
       variables: the model's variables if already made (else from `rng`).
+      hooks: what features add (an optimizer wrapper, update hooks).
     """
+    hooks = hooks or Hooks()
     if variables is None:
         variables = init_variables(rng, model, input_shape, input_dtype)
     return TrainState.create(
         apply_fn=model.apply, variables=variables,
-        tx=optimizers.create_optimizer(config, total_steps, steps_per_epoch),
-        extra_fns=create_extras(config, total_steps))
+        tx=optimizers.create_optimizer(config, total_steps, steps_per_epoch,
+                                       hooks.optimizer),
+        extra_fns=create_extras(config, total_steps),
+        update_hooks=hooks.after_update)
 
 
 def count_params(params: PyTree) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+    create_extras(config)  # raises for bad fields
+
+
+def _run_length(config: ml_collections.ConfigDict) -> list[str]:
+    return ["lookahead"] if config.lookahead.every else []
+
+
+# The extras: state kept beside the weights (Ema, Lookahead above).
+SECTION = config_lib.Section("extras", {
+    "ema_decay": 0.0,             # evaluate an EMA of the weights; 0: off
+    # Lookahead (airbench): every `every` steps pull the weights to a slow copy.
+    "lookahead": {"every": 0, "decay": 0.95},
+}, check=_check, run_length=_run_length)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from research import errors
+from research.core import config_lib
 
 Batch = dict[str, jax.Array]
 FLIPS = ("none", "random", "alternating")
@@ -139,3 +140,16 @@ def views(options: ml_collections.ConfigDict | None, final: bool = False
     name = options.final_eval_views if final and options.final_eval_views else (
         options.eval_views)
     return EVAL_VIEWS[name]
+
+
+# Image augmentation, on device and keyed by (seed, step, example); only image
+# configs have the section (`config_lib.base_config("augment")`).
+SECTION = config_lib.Section("augment", {"augment": {
+    "flip": "none",               # "none", "random" or "alternating"
+    "translate": 0,               # pixels of reflect padding + random crop
+    "cutout": 0,                  # side of a zeroed square; 0: off
+    "eval_views": "identity",     # test-time augmentation: "identity", "flip",
+    #                               "flip_translate" (EVAL_VIEWS)
+    "final_eval_views": "",       # for the run's last evaluation; "": the same
+}}, check=lambda config: check(config.augment),
+    free=("augment.eval_views", "augment.final_eval_views"), optional=True)

@@ -1,7 +1,8 @@
 """DiLoCo against synchronous data parallelism on CIFAR-10 (a sweep).
 
 XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-    python -m research.sweep --config=configs/diloco_cifar.py --workdir=runs/diloco_cifar
+    python -m research.sweep --config=configs/pipelines/diloco_cifar.py \
+        --workdir=runs/diloco_cifar
 
 The BatchNorm ConvNet (narrowed to 16/32/64 channels to fit the 2-core CPU)
 on 8 devices, K = 4 replicas of 2 devices, the same steps and global batch

@@ -16,8 +16,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from research import input_pipeline
-from research import parallel
+from research.data import input_pipeline
+from research import mesh as mesh_lib
 
 Batch = dict[str, jax.Array]
 
@@ -41,13 +41,13 @@ def place_rows(shard: input_pipeline.Shard, mesh: jax.sharding.Mesh
     local = {k: np.concatenate([v, np.zeros((per_process - n,) + v.shape[1:],
                                             v.dtype)])
              for k, v in shard.rows.items()}
-    sharding = NamedSharding(mesh, P(parallel.batch_axes(mesh)))
+    sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
     rows = {k: jax.make_array_from_process_local_data(
         sharding, v, (per_process * len(shard.counts),) + v.shape[1:])
         for k, v in local.items()}
     row_of = np.concatenate([p * per_process + np.arange(c, dtype=np.int32)
                              for p, c in enumerate(shard.counts)])
-    return rows, parallel.put_replicated(row_of, mesh)
+    return rows, mesh_lib.put_replicated(row_of, mesh)
 
 
 def place_eval(shard: input_pipeline.Shard, batch_size: int,
@@ -73,7 +73,7 @@ def place_eval(shard: input_pipeline.Shard, batch_size: int,
             part["mask"] = np.ones(count, bool)
         columns.append(input_pipeline.pad_to_batches(part, per_batch, num_batches))
     local = {k: np.concatenate([c[k] for c in columns], axis=1) for k in columns[0]}
-    sharding = NamedSharding(mesh, P(None, parallel.batch_axes(mesh)))
+    sharding = NamedSharding(mesh, P(None, mesh_lib.batch_axes(mesh)))
     return {k: jax.make_array_from_process_local_data(
         sharding, v, (num_batches, batch_size) + v.shape[2:])
         for k, v in local.items()}
@@ -91,7 +91,7 @@ def gather_rows(rows: Batch, idx: jax.Array, mesh: jax.sharding.Mesh) -> Batch:
 
     def local_gather(local: Batch, idx: jax.Array) -> Batch:
         n = next(iter(local.values())).shape[0]
-        pos = idx - lax.axis_index(parallel.batch_axes(mesh)) * n
+        pos = idx - lax.axis_index(mesh_lib.batch_axes(mesh)) * n
         held = (pos >= 0) & (pos < n)
         pos = jnp.clip(pos, 0, n - 1)
 
@@ -99,10 +99,10 @@ def gather_rows(rows: Batch, idx: jax.Array, mesh: jax.sharding.Mesh) -> Batch:
             picked = jnp.take(a, pos, axis=0)
             picked = jnp.where(held.reshape(held.shape + (1,) * (a.ndim - 1)),
                                picked, jnp.zeros((), a.dtype))
-            return lax.psum_scatter(picked, parallel.batch_axes(mesh), scatter_dimension=0,
-                                    tiled=True)
+            return lax.psum_scatter(picked, mesh_lib.batch_axes(mesh),
+                                    scatter_dimension=0, tiled=True)
         return jax.tree.map(one, local)
 
-    spec: Any = P(parallel.batch_axes(mesh))
+    spec: Any = P(mesh_lib.batch_axes(mesh))
     return jax.shard_map(local_gather, mesh=mesh, in_specs=(spec, P()),
                          out_specs=spec)(rows, idx)

@@ -4,6 +4,8 @@
 `config.objective_kwargs` configures it. The step functions are generic: an
 objective supplies the model input, the loss to differentiate and the metrics.
 Adding one is a class following `Objective` plus a line in `OBJECTIVES`.
+An objective does no I/O: what it needs from outside (a distillation
+teacher) is provided by the assembly (`research/assembly.py`).
 """
 import dataclasses
 from typing import Any, Callable, Protocol
@@ -15,8 +17,7 @@ import optax
 from clu import metrics as clu_metrics
 
 from research import errors
-from research import metrics as metrics_lib
-from research.compression import distill
+from research.core import metrics as metrics_lib
 
 Batch = dict[str, jax.Array]
 PyTree = Any
@@ -129,8 +130,7 @@ class LanguageModel:
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "classification": Classification,
     "language_model": LanguageModel,
-    "distill": distill.Distillation,
-}
+}  # features add theirs (the assembly registers "distill")
 
 
 def create_objective(config: ml_collections.ConfigDict, default: str) -> Objective:
@@ -148,7 +148,8 @@ def create_objective(config: ml_collections.ConfigDict, default: str) -> Objecti
     except (TypeError, ValueError) as e:
         cls = OBJECTIVES[name]
         fields = [f.name for f in dataclasses.fields(cls) if f.init
-                  and f.name != "metrics_cls"] if dataclasses.is_dataclass(cls) else []
+                  and f.name != "metrics_cls" and not f.metadata.get("provided")
+                  ] if dataclasses.is_dataclass(cls) else []
         takes = (f"; it takes {', '.join(fields)}: pass them as "
                  "--config.objective_kwargs=\"{...}\" (a dict replaces the "
                  "config's)") if fields else ""
