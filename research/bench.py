@@ -280,10 +280,10 @@ def main(argv):
                   f"{rec['wait_ms']:>8.2f}{rec['step_ms_without_input']:>10.2f}"
                   f"{rec['reader_per_sec']:>12,.0f}"
                   f"{rec['step_ms_in_memory']:>11.2f}")
-    with open(FLAGS.output, "w") as f:  # with the machine it measured
-        json.dump({"about": {**runner.provenance(), "cpu_flags": cpu_flags(),
-                             "matmul_peak_flops": peak},
-                   "records": records + streamed}, f, indent=1)
+    about = {**runner.provenance(), "cpu_flags": cpu_flags(),
+             "matmul_peak_flops": peak}  # the machine it measured
+    with open(FLAGS.output, "w") as f:
+        json.dump({"about": about, "records": records + streamed}, f, indent=1)
 
 
 if __name__ == "__main__":

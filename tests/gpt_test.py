@@ -215,7 +215,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     measured = _worker(sys.argv[2])
     if len(sys.argv) > 3:
         from research import runner  # pylint: disable=g-import-not-at-top
+        about = runner.provenance()  # before the file is opened (and dirty)
         with open(sys.argv[3], "w") as f:
-            json.dump({"about": runner.provenance(), "result": measured}, f,
-                      indent=1)
+            json.dump({"about": about, "result": measured}, f, indent=1)
     print(json.dumps(measured))
