@@ -80,13 +80,16 @@ def provenance() -> dict[str, str]:
 
 
 def _command() -> str:
-    """The command line, with `python -m research.x` for a module's path."""
+    """The command line, with `python -m research.x` for a module's path and
+    the repository's own paths relative (the files are committed)."""
     argv = list(sys.argv)
     package = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(package)
     path = os.path.abspath(argv[0]) if argv else ""
     if path.startswith(package + os.sep) and path.endswith(".py"):
-        module = os.path.relpath(path[:-3], os.path.dirname(package))
+        module = os.path.relpath(path[:-3], root)
         argv[:1] = ["-m", module.replace(os.sep, ".")]
+    argv = [a.replace(root + os.sep, "") for a in argv]
     return shlex.join(["python", *argv])
 
 

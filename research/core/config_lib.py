@@ -137,8 +137,10 @@ def dotted_items(tree: dict[str, Any], prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-    """Sets a dotted key, refusing unknown keys and type changes."""
+def _field(config: ml_collections.ConfigDict, key: str
+           ) -> tuple[ml_collections.ConfigDict, str]:
+    """The section holding dotted `key` and the field's name in it; refuses
+    unknown keys."""
     *parents, leaf = key.split(".")
     node = config
     for name in parents:
@@ -148,6 +150,12 @@ def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     if leaf not in node:
         raise errors.UserError(
             f"Unknown config field {key!r}; fields here: {sorted(node.keys())}.")
+    return node, leaf
+
+
+def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Sets a dotted key, refusing unknown keys and type changes."""
+    node, leaf = _field(config, key)
     try:
         setattr(node, leaf, value)
     except TypeError as e:
@@ -175,14 +183,7 @@ def override_from_text(config: ml_collections.ConfigDict, key: str, text: str
         with config[parents[0]].unlocked():
             config[parents[0]][leaf] = value
         return
-    node = config
-    for name in parents:
-        node = node[name] if name in node else None
-        if not isinstance(node, ml_collections.ConfigDict):
-            raise errors.UserError(f"Unknown config field {key!r}.")
-    if leaf not in node:
-        raise errors.UserError(
-            f"Unknown config field {key!r}; fields here: {sorted(node.keys())}.")
+    node, leaf = _field(config, key)
     current = node[leaf]
     try:
         if isinstance(current, bool):

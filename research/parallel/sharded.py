@@ -29,8 +29,7 @@ from flax import linen as nn
 from research import errors
 from research import mesh as mesh_lib
 from research.core import config_lib
-from research.core import schemes
-from research.core import state as state_lib
+from research.parallel import sync
 
 AXES = ("data", "fsdp", "tensor")
 # logical name -> mesh axes (None: not split). "act_*" name activations,
@@ -43,22 +42,23 @@ DEFAULT_RULES = (
     ("act_vocab", "tensor"))
 
 
-@dataclasses.dataclass(frozen=True)
-class Sharded:
-    """The `Scheme` of a (data, fsdp, tensor) mesh with logical-axis rules."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sharded(sync.Sync):
+    """The `Scheme` of a (data, fsdp, tensor) mesh with logical-axis rules.
+    Its step, checkpoint items and communication count are synchronous
+    training's (`sync.Sync`): only the layout differs."""
     data: int
     fsdp: int
     tensor: int
     rules: tuple[tuple[str, Any], ...]
-    grad_accum_steps: int = 1
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "Sharded":
         options = config.sharding
-        return cls(options.data, options.fsdp, options.tensor,
-                   tuple((name, tuple(axes) if isinstance(axes, (list, tuple))
-                          else axes) for name, axes in options.rules),
-                   config.grad_accum_steps)
+        return cls(data=options.data, fsdp=options.fsdp, tensor=options.tensor,
+                   rules=tuple((name, tuple(axes) if isinstance(axes, (list, tuple))
+                                else axes) for name, axes in options.rules),
+                   grad_accum_steps=config.grad_accum_steps)
 
     def create_mesh(self, num_devices):
         n = num_devices or jax.device_count()
@@ -86,18 +86,9 @@ class Sharded:
         return jax.tree.map(like_params, state,
                             is_leaf=lambda x: jax.tree.structure(x) == treedef)
 
-    def distribute(self, state, total_steps, mesh):
-        del total_steps, mesh
-        return state  # created sharded
-
     def shardings(self, state, mesh):
         del mesh
         return jax.tree.map(lambda x: x.sharding, state)
-
-    def train_step(self, state, batch, rng, aux, *, inner_step, mesh, constrain):
-        del mesh
-        return inner_step(state, batch, rng, aux,
-                          grad_accum_steps=self.grad_accum_steps, constrain=constrain)
 
     def trace(self, fn):
         """`fn` traced under the rules, so the model's activation names
@@ -108,24 +99,6 @@ class Sharded:
             with nn.logical_axis_rules(rules):
                 return fn(*args, **kwargs)
         return traced_with_rules
-
-    def train_state(self, state):
-        return state
-
-    def checkpoint_items(self, state, loop):
-        return state_lib.checkpoint_items(state, loop)
-
-    def restore_items(self, state, items):
-        return state_lib.restore_items(state, items)
-
-    def communication(self, state, step, devices, final_step):
-        """Per step and device, in payload bytes: the parameters gathered
-        (FSDP) and the gradients reduced, whatever the split."""
-        del final_step
-        syncs = step if devices > 1 else 0
-        per_sync = schemes.parameter_bytes(state.params)
-        return {"comm/syncs": float(syncs),
-                "comm/bytes_per_step": per_sync * syncs / max(step, 1)}
 
 
 def _check(config: ml_collections.ConfigDict) -> None:
