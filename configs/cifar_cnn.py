@@ -22,8 +22,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.model = "lenet"            # conv 6@5x5, pool, conv 16@5x5, pool, 120, 84, 10
     # conv_impl: "auto" runs the convolutions in the C++ CPU kernel where it is
     # built and JAX is on the CPU, else in XLA; "xla" or "kernel" to force.
+    # dtype: "bfloat16" computes in bf16 on float32 weights (XLA's convolutions).
     config.model_kwargs = ml_collections.ConfigDict({"num_classes": 10,
-                                                     "conv_impl": "auto"})
+                                                     "conv_impl": "auto",
+                                                     "dtype": "float32"})
     config.objective_kwargs = ml_collections.ConfigDict({"label_smoothing": 0.0})
     # The recipe (equal to the base's defaults, stated for the reader).
     config.optimizer = "sgd"

@@ -44,6 +44,7 @@ from research.data import input_pipeline
 from research import cli
 from research import malloc
 from research import runner
+from research import timing
 from research import mesh as mesh_lib
 from research.core import steps
 
@@ -136,7 +137,7 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
         return holder["carry"].bad_step
 
     jax.block_until_ready(train_call())
-    step_s = bench_stream.median_time(train_call, FLAGS.steps, FLAGS.repeats)
+    step_s = timing.median_time(train_call, FLAGS.steps, FLAGS.repeats)
 
     synthetic = costs.synthetic_rows(exp, batch_size)
     # Which examples (images) or predicted characters (text) count.
@@ -151,7 +152,7 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
             out_shardings=mesh_lib.replicated(mesh)).lower(
                 variables, batch, exp.aux()).compile()
     jax.block_until_ready(eval_fn(variables, batch, exp.aux()))
-    eval_s = bench_stream.median_time(lambda: eval_fn(variables, batch, exp.aux()),
+    eval_s = timing.median_time(lambda: eval_fn(variables, batch, exp.aux()),
                                       FLAGS.steps, FLAGS.repeats)
     _, per_example = exp.dataset.throughput_unit(config)
     return {"framework": "jax", "jax_version": jax.__version__,
@@ -189,7 +190,7 @@ def bench_torch(config, batch_size: int) -> list[dict] | None:
         kwargs = config.model_kwargs
         job.update({k: kwargs[k] for k in (
             "vocab_size", "num_layers", "width", "num_heads", "context", "mlp_ratio",
-            "dropout_rate")})
+            "dropout_rate", "dtype")})
         multiple = kwargs.get("vocab_multiple", 64)
         job.update(seq_len=config.seq_len,
                    rows=-(-kwargs.vocab_size // multiple) * multiple)

@@ -25,21 +25,9 @@ from research import mesh as mesh_lib
 from research.data import records as records_lib
 from research.data import inputs as data_inputs
 from research.data import streaming
+from research import timing
 
 Split = dict[str, np.ndarray]
-
-
-def median_time(fn: Callable[[], Any], steps: int, repeats: int) -> float:
-    """Seconds per call: the median of `repeats` timings of `steps` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = None
-        for _ in range(steps):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
 
 
 def bench_stream(config: ml_collections.ConfigDict, batch_size: int,
@@ -127,7 +115,7 @@ def bench_stream(config: ml_collections.ConfigDict, batch_size: int,
         placed = take("read")
         for _ in range(drain):
             take("read")
-        read_s = median_time(lambda: take("read"), 2 * steps, repeats)
+        read_s = timing.median_time(lambda: take("read"), 2 * steps, repeats)
         streams["read"].close()
         # The streamed step with and without its input and the in-memory
         # step, alternated in one loop: the same machine load for each.
@@ -137,12 +125,12 @@ def bench_stream(config: ml_collections.ConfigDict, batch_size: int,
         timings = {"with": [], "without": [], "wait": [], "memory": []}
         for _ in range(repeats):
             waited["s"] = 0.0
-            timings["with"].append(median_time(lambda: train_call(take("fed")),
-                                                steps, 1))
+            timings["with"].append(
+                timing.median_time(lambda: train_call(take("fed")), steps, 1))
             timings["wait"].append(waited["s"] / steps)
-            timings["without"].append(median_time(lambda: train_call(placed),
-                                                   steps, 1))
-            timings["memory"].append(median_time(memory_call, steps, 1))
+            timings["without"].append(
+                timing.median_time(lambda: train_call(placed), steps, 1))
+            timings["memory"].append(timing.median_time(memory_call, steps, 1))
         streams["fed"].close()
         with_input_s, without_input_s, wait_s, memory_s = (
             statistics.median(timings[k])

@@ -4,6 +4,7 @@ Runs in its own interpreter (it needs only torch and numpy), so that JAX and
 PyTorch never share a process. Reads one JSON job from argv, prints one JSON
 record per line.
 """
+import functools
 import json
 import statistics
 import sys
@@ -230,18 +231,22 @@ def run(job: dict) -> dict:
         if job.get("compile"):  # torch.compile, where it runs on this CPU
             model = torch.compile(model)
     loss_fn = nn.CrossEntropyLoss()
+    # bf16 compute on float32 weights, as the JAX model's dtype="bfloat16".
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16,
+                                 enabled=job.get("dtype") == "bfloat16")
 
     def train_step():
         opt.zero_grad(set_to_none=True)
-        logits = model(x)
-        loss = loss_fn(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        with autocast():
+            logits = model(x)
+        loss = loss_fn(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
         if job.get("grad_clip_norm"):
             nn.utils.clip_grad_norm_(model.parameters(), job["grad_clip_norm"])
         opt.step()
 
     def eval_step():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model(x)
 
     model.train()

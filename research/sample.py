@@ -16,6 +16,7 @@ from research import errors
 from research import assembly
 from research.data import input_pipeline
 from research import mesh as mesh_lib
+from research import timing
 
 
 def pick_token(logits: jax.Array, key: jax.Array, *, temperature: float,
@@ -64,6 +65,40 @@ def generate(model: nn.Module, variables, prompt: jax.Array, key: jax.Array, *,
 
     _, tokens = lax.scan(step, (state, logits[0, -1]), jax.random.split(key, length))
     return tokens
+
+
+def time_positions(model, variables, positions: list[int], batch: int, *,
+                   steps: int, repeats: int) -> list[dict]:
+    """Milliseconds per new token at each position: decoding against a cache
+    filled to it, and a forward pass over the whole prefix (no cache)."""
+    vocab = model.vocab_size
+
+    @jax.jit
+    def cached(variables, cache, token):
+        logits, mutated = model.apply({**variables, "cache": cache}, token,
+                                      decode=True, mutable=["cache"])
+        return logits[:, -1], mutated["cache"]
+
+    @jax.jit
+    def uncached(variables, tokens):
+        return model.apply(variables, tokens)[:, -1]
+
+    fill = jax.jit(functools.partial(model.apply, decode=True, mutable=["cache"]))
+    rows = []
+    for p in positions:
+        tokens = jax.random.randint(jax.random.key(p), (batch, p + 1), 0, vocab)
+        _, mutated = fill({**variables, "cache": model.init_cache(batch)},
+                          tokens[:, :p])
+        cache, token = mutated["cache"], tokens[:, p:]
+        jax.block_until_ready(cached(variables, cache, token))
+        with_cache = timing.median_time(
+            lambda: cached(variables, cache, token), steps, repeats)
+        jax.block_until_ready(uncached(variables, tokens))
+        without = timing.median_time(
+            lambda: uncached(variables, tokens), steps, repeats)
+        rows.append({"position": p, "batch": batch, "cached_ms": 1e3 * with_cache,
+                     "uncached_ms": 1e3 * without})
+    return rows
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str,

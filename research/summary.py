@@ -15,6 +15,7 @@ import numpy as np
 
 from research import costs
 from research import assembly
+from research.core import memory as memory_lib
 from research.core import state as state_lib
 
 
@@ -86,6 +87,7 @@ def summarize(config: ml_collections.ConfigDict, *, timed_steps: int = 3
     memory = compiled.memory_analysis()  # XLA's, per device
     summary["step_temp_bytes"] = getattr(memory, "temp_size_in_bytes", None)
     summary["step_argument_bytes"] = getattr(memory, "argument_size_in_bytes", None)
+    summary["step_needed_bytes"] = memory_lib.needed_bytes(compiled)
     # XLA counts one device's program: the devices share the step's work.
     summary["train_flops_per_example"] = costs.train_step_flops(
         exp, batch, args) * exp.mesh.size / batch
@@ -140,7 +142,8 @@ def describe(summary: dict[str, Any]) -> str:
         f"{_mib(summary['optimizer_bytes_per_device'])}; the compiled train step "
         f"(XLA's memory analysis, batch {summary['batch_size']}): arguments "
         f"{_mib(summary['step_argument_bytes'])}, temporaries (activations) "
-        f"{_mib(summary['step_temp_bytes'])}",
+        f"{_mib(summary['step_temp_bytes'])}, in all {_mib(summary['step_needed_bytes'])}"
+        " (what config.device_memory_mib is checked against)",
     ]
     if "step_s" in summary:
         lines.append(

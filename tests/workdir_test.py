@@ -242,7 +242,7 @@ def _cases(trained, trained_text, tmp_path):
          "Quantization does not support char_rnn"),
         ("config without core fields", [f"--config={partial}",
                                         f"--workdir={tmp_path / 'w7'}"], 2,
-         "lacks the fields batch_size, checkpoint_every_steps"),
+         "lacks the fields adam_b2, batch_size, checkpoint_every_steps"),
         ("batch size changed on resume", [
             f"--config={SMOKE}", *MOCK, f"--workdir={trained}", "--allow_config_change",
             "--config.batch_size=2"], 2,

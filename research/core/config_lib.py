@@ -226,6 +226,10 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
     if config.num_devices < 0:
         raise errors.UserError(
             f"config.num_devices must be >= 0 (0: all), got {config.num_devices}.")
+    if config.device_memory_mib < 0:
+        raise errors.UserError(
+            f"config.device_memory_mib must be >= 0 (0: no limit), got "
+            f"{config.device_memory_mib}.")
     if config.steps_per_call > MAX_STEPS_PER_CALL:
         raise errors.UserError(
             f"config.steps_per_call={config.steps_per_call} is over "
@@ -254,6 +258,9 @@ RUN = Section("run", {
     "log_every_steps": 2500,      # progress line and train metrics
     "checkpoint_every_steps": 2500,  # also saved at every epoch end and at the end
     "keep_checkpoints": 3,        # most recent checkpoints kept
+    "device_memory_mib": 0,       # refuse a train step that needs more of one
+    #                               device (XLA's memory analysis; core/memory.py);
+    #                               0: no limit
 }, check=_check_run,
     # How often to log or save, how the work is laid out on devices, where the
     # data is read from, what is evaluated, how long to train (a longer or
@@ -261,7 +268,8 @@ RUN = Section("run", {
     # the run's length: `run_length_dependents`) do not change what is trained.
     free=("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
           "steps_per_call", "num_devices", "data_dir", "download",
-          "eval_batch_size", "eval_split", "num_epochs", "init_from"),
+          "eval_batch_size", "eval_split", "num_epochs", "init_from",
+          "device_memory_mib"),
     fixed={"batch_size": "steps count batches, so its epochs, schedule and data "
                          "order would no longer line up with the steps already "
                          "taken"})

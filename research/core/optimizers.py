@@ -78,7 +78,7 @@ LR_SCHEDULES = {"constant": _constant, "cosine": _cosine, "linear": _linear}
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "sgd": lambda config, lr: optax.sgd(lr, momentum=config.momentum or None,
                                         nesterov=config.nesterov),
-    "adam": lambda config, lr: optax.adam(lr),
+    "adam": lambda config, lr: optax.adam(lr, b2=config.adam_b2),
 }
 
 
@@ -195,6 +195,8 @@ SECTION = config_lib.Section("optimizer", {
     "learning_rate": 0.001,       # peak, after any warmup
     "momentum": 0.9,              # SGD momentum; 0 for plain SGD
     "nesterov": False,            # Nesterov momentum (SGD)
+    "adam_b2": 0.999,             # Adam's second-moment decay (0.99 or 0.95 for
+    #                               short Transformer runs)
     "lr_schedule": "constant",    # key of LR_SCHEDULES: constant, cosine or linear
     #                               (decay to end_learning_rate)
     "warmup_steps": 0,            # linear warmup ...

@@ -22,6 +22,7 @@ from research.core import config_lib
 from research.core import experiment as experiment_lib
 from research.core import inputs as inputs_lib
 from research.core import loop
+from research.core import memory
 from research.core import optimizers
 from research.core import state as state_lib
 from research.core import workdir as workdir_lib
@@ -203,6 +204,8 @@ class Trainer:
                 source = self.data.train
                 self.chunks[n] = self.exp.train_chunk(source, n, self.state).lower(
                     self.carry, source.spec(n), self.step_keys, self.aux).compile()
+                memory.check_fits(self.chunks[n], self.exp.config.device_memory_mib,
+                                  f"train step ({n} per call)")
             self.data.evaluation.compile(state, self.aux)
             self.data.evaluation.compile(state, self.aux, final=True)
         logging.info("Compiled the train and eval functions in %.2fs.",

@@ -32,25 +32,35 @@ class LeNet(nn.Module):
     convolutions batch-minor in the C++ CPU kernel (`research/kernels/
     conv.py`); "auto" takes the kernel where it is built and JAX runs on the
     CPU. The parameters are the same in every case, so checkpoints are
-    interchangeable.
+    interchangeable. `dtype="bfloat16"` computes in bf16 on float32
+    parameters (the kernel is float32, so "auto" then takes XLA's
+    convolutions); the logits are float32.
     """
     num_classes: int = 10
     conv_impl: str = "auto"
+    dtype: str = "float32"
 
     def __post_init__(self):
         impl_lib.resolve(self.conv_impl, "conv_impl")  # a bad value fails here
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r}; choose 'float32' or 'bfloat16'.")
+        if self.dtype != "float32" and self.conv_impl == "kernel":
+            raise ValueError("conv_impl='kernel' computes in float32; use 'auto' "
+                             "or 'xla' with dtype='bfloat16'.")
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Maps images [batch, 32, 32, 3] in [0, 1] to logits [batch, classes]."""
         del train  # No dropout or batch norm in the seed's model.
-        if impl_lib.resolve(self.conv_impl, "conv_impl") == "kernel":
+        dtype = jnp.dtype(self.dtype)
+        if (dtype == jnp.float32
+                and impl_lib.resolve(self.conv_impl, "conv_impl") == "kernel"):
             x = self._batch_minor_features(x)
         else:
             for features in (6, 16):
                 fan_in = 5 * 5 * x.shape[-1]
-                x = nn.Conv(features, (5, 5), padding="VALID",
+                x = nn.Conv(features, (5, 5), padding="VALID", dtype=dtype,
                             kernel_init=_torch_uniform(fan_in),
                             bias_init=_torch_uniform(fan_in))(x)
                 x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
@@ -59,9 +69,9 @@ class LeNet(nn.Module):
             if i:
                 x = nn.relu(x)
             fan_in = x.shape[-1]
-            x = nn.Dense(features, kernel_init=_torch_uniform(fan_in),
+            x = nn.Dense(features, dtype=dtype, kernel_init=_torch_uniform(fan_in),
                          bias_init=_torch_uniform(fan_in))(x)
-        return x
+        return x.astype(jnp.float32)
 
     def _batch_minor_features(self, x: jax.Array) -> jax.Array:
         """The two conv blocks, batch-minor; returns NHWC features."""
@@ -102,14 +112,17 @@ class ConvNet(nn.Module):
     features: tuple[int, ...] = (32, 64, 128)
     num_classes: int = 10
     dropout_rate: float = 0.1
+    dtype: str = "float32"  # compute; parameters and statistics stay float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Maps images [batch, height, width, channels] to logits [batch, classes]."""
+        dtype = jnp.dtype(self.dtype)
         for features in self.features:
-            x = nn.Conv(features, (3, 3), use_bias=False)(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+            x = nn.Conv(features, (3, 3), use_bias=False, dtype=dtype)(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                             dtype=dtype)(x)
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = x.mean(axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, dtype=dtype)(x).astype(jnp.float32)
