@@ -153,7 +153,7 @@ def bench_jax(config, batch_size: int, num_devices: int) -> dict:
                 variables, batch, exp.aux()).compile()
     jax.block_until_ready(eval_fn(variables, batch, exp.aux()))
     eval_s = timing.median_time(lambda: eval_fn(variables, batch, exp.aux()),
-                                      FLAGS.steps, FLAGS.repeats)
+                                FLAGS.steps, FLAGS.repeats)
     _, per_example = exp.dataset.throughput_unit(config)
     return {"framework": "jax", "jax_version": jax.__version__,
             "devices": mesh.size, "train_per_sec": batch_size * per_example / step_s,

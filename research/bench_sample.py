@@ -66,7 +66,7 @@ def main(argv):
             f"--positions={','.join(FLAGS.positions)}: each must be 1 to "
             f"{model.context - 1} (the model's context is {model.context}).")
     rows = sample.time_positions(model, variables, positions, FLAGS.batch,
-                          steps=FLAGS.steps, repeats=FLAGS.repeats)
+                                 steps=FLAGS.steps, repeats=FLAGS.repeats)
     print(f"ms per new token, batch {FLAGS.batch} ({jax.devices()[0].platform}):")
     print(f"{'position':>9}{'cached':>10}{'uncached':>10}{'uncached/cached':>17}")
     for row in rows:

@@ -87,7 +87,7 @@ def summarize(config: ml_collections.ConfigDict, *, timed_steps: int = 3
     memory = compiled.memory_analysis()  # XLA's, per device
     summary["step_temp_bytes"] = getattr(memory, "temp_size_in_bytes", None)
     summary["step_argument_bytes"] = getattr(memory, "argument_size_in_bytes", None)
-    summary["step_needed_bytes"] = memory_lib.needed_bytes(compiled)
+    summary["step_needed_bytes"] = memory_lib.needed_bytes(memory)
     # XLA counts one device's program: the devices share the step's work.
     summary["train_flops_per_example"] = costs.train_step_flops(
         exp, batch, args) * exp.mesh.size / batch

@@ -15,10 +15,10 @@ from research import errors
 MIB = 2 ** 20
 
 
-def needed_bytes(compiled: Any) -> int | None:
+def needed_bytes(memory: Any) -> int | None:
     """Arguments + outputs not aliased to arguments + temporaries, per
-    device (None where the backend gives no memory analysis)."""
-    memory = compiled.memory_analysis()
+    device, from a compiled program's `memory_analysis()` (None where the
+    backend gives none)."""
     if memory is None:
         return None
     return (memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -30,19 +30,19 @@ def check_fits(compiled: Any, limit_mib: float, what: str) -> None:
     one device's memory (0: no limit)."""
     if not limit_mib:
         return
-    needed = needed_bytes(compiled)
+    memory = compiled.memory_analysis()
+    needed = needed_bytes(memory)
     if needed is None:
         raise errors.UserError(
             f"config.device_memory_mib={limit_mib} needs XLA's memory analysis, "
             "which this backend does not give; set it to 0.")
     if needed > limit_mib * MIB:
-        memory = compiled.memory_analysis()
+        outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes
         raise errors.UserError(
             f"The {what} needs {needed / MIB:.1f} MiB per device (XLA's memory "
             f"analysis: arguments {memory.argument_size_in_bytes / MIB:.1f}, "
             f"temporaries {memory.temp_size_in_bytes / MIB:.1f}, outputs not "
-            f"donated {(memory.output_size_in_bytes - memory.alias_size_in_bytes) / MIB:.1f}"
-            f"), over config.device_memory_mib={limit_mib}. Shard the state "
-            "(--config.data_parallel.scheme=sharded --config.sharding.fsdp=N), "
-            "rematerialise (model_kwargs.remat), lower batch_size or raise "
-            "grad_accum_steps.")
+            f"donated {outputs / MIB:.1f}), over config.device_memory_mib="
+            f"{limit_mib}. Shard the state (--config.data_parallel.scheme=sharded "
+            "--config.sharding.fsdp=N), rematerialise (model_kwargs.remat), lower "
+            "batch_size or raise grad_accum_steps.")

@@ -23,6 +23,7 @@ from flax import linen as nn
 
 from research.models import fast_ops
 from research.models import impl as impl_lib
+from research.models import precision
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -90,12 +91,13 @@ class AirbenchNet(nn.Module):
 
     def __post_init__(self):
         impl_lib.resolve(self.conv_impl, "conv_impl", "onednn")  # fails early
+        precision.dtype(self.dtype)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Maps images [batch, 32, 32, 3] in [0, 1] to logits [batch, classes]."""
-        dtype = jnp.dtype(self.dtype)
+        dtype = precision.dtype(self.dtype)
         x = (x - jnp.array(CIFAR_MEAN)) / jnp.array(CIFAR_STD)
         whiten = self.param("whiten_kernel", nn.initializers.zeros, (2, 2, 3, 24))
         whiten_bias = self.param("whiten_bias", nn.initializers.zeros, (24,))

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from research.models import impl as impl_lib
+from research.models import precision
 
 
 def _torch_uniform(fan_in: int) -> nn.initializers.Initializer:
@@ -42,9 +43,7 @@ class LeNet(nn.Module):
 
     def __post_init__(self):
         impl_lib.resolve(self.conv_impl, "conv_impl")  # a bad value fails here
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r}; choose 'float32' or 'bfloat16'.")
-        if self.dtype != "float32" and self.conv_impl == "kernel":
+        if precision.dtype(self.dtype) != jnp.float32 and self.conv_impl == "kernel":
             raise ValueError("conv_impl='kernel' computes in float32; use 'auto' "
                              "or 'xla' with dtype='bfloat16'.")
         super().__post_init__()
@@ -53,7 +52,7 @@ class LeNet(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Maps images [batch, 32, 32, 3] in [0, 1] to logits [batch, classes]."""
         del train  # No dropout or batch norm in the seed's model.
-        dtype = jnp.dtype(self.dtype)
+        dtype = precision.dtype(self.dtype)
         if (dtype == jnp.float32
                 and impl_lib.resolve(self.conv_impl, "conv_impl") == "kernel"):
             x = self._batch_minor_features(x)
@@ -114,10 +113,14 @@ class ConvNet(nn.Module):
     dropout_rate: float = 0.1
     dtype: str = "float32"  # compute; parameters and statistics stay float32
 
+    def __post_init__(self):
+        precision.dtype(self.dtype)  # a bad name fails here
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Maps images [batch, height, width, channels] to logits [batch, classes]."""
-        dtype = jnp.dtype(self.dtype)
+        dtype = precision.dtype(self.dtype)
         for features in self.features:
             x = nn.Conv(features, (3, 3), use_bias=False, dtype=dtype)(x)
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9,

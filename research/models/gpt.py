@@ -24,12 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from research.models import precision
+
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable",
                   "dots_with_no_batch_dims_saveable")
-
-
-def _dtype(name: str) -> Any:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
@@ -185,16 +183,15 @@ class GPT(nn.Module):
                              f"num_heads={self.num_heads} heads.")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose from {REMAT_POLICIES}.")
-        for field in ("dtype", "param_dtype"):
-            if getattr(self, field) not in ("float32", "bfloat16"):
-                raise ValueError(f"{field}={getattr(self, field)!r}; choose "
-                                 "'float32' or 'bfloat16'.")
+        precision.dtype(self.dtype)  # a bad name fails here
+        precision.dtype(self.param_dtype, "param_dtype")
         super().__post_init__()
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, train: bool = False,
                  decode: bool = False) -> jax.Array:
-        dtype, param_dtype = _dtype(self.dtype), _dtype(self.param_dtype)
+        dtype = precision.dtype(self.dtype)
+        param_dtype = precision.dtype(self.param_dtype, "param_dtype")
         tokens = _constrain(tokens, ("batch", "length"))
         rows = -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
         embed = nn.Embed(rows, self.width, dtype=dtype,
