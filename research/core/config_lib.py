@@ -250,7 +250,7 @@ RUN = Section("run", {
     "objective": "",              # key of core/objectives.OBJECTIVES; "": the dataset's
     "objective_kwargs": {},       # the objective's arguments (replaced whole)
     "batch_size": 4,              # global batch size, over all devices
-    "num_epochs": 10,             # may be fractional
+    "num_epochs": 10.0,           # may be fractional (a float field)
     "init_from": "",              # start from this workdir's model (fine-tune)
     "num_devices": 0,             # devices on the mesh; 0: all
     "eval_batch_size": 1000,      # the last eval batch is padded and masked

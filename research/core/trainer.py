@@ -312,7 +312,7 @@ class Trainer:
         self.result = self.evaluate()
         self.out.writer.write_scalars(step, {"epoch": epoch, "epoch/train_loss":
                                              train_loss, **self.result})
-        writers.report(f"epoch {epoch}/{config.num_epochs}: train loss "
+        writers.report(f"epoch {epoch}/{config.num_epochs:g}: train loss "
                        f"{train_loss:.4f}, "
                        f"{writers.describe(self.result, config.eval_split)}, "
                        f"{time.perf_counter() - self.clock['epoch']:.1f}s")
