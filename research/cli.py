@@ -30,6 +30,10 @@ config_flags.DEFINE_config_file(
     "fields are overridden with --config.<field>=<value>.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output folder for config, metrics and "
                     "checkpoints (default: runs/<config file name>[_<preset>]).")
+# Here, not in main.py: research.sweep, compress and scaling resume runs too.
+flags.DEFINE_bool("allow_config_change", False, "Resume a run whose config "
+                  "changed in a field that changes the experiment (the change "
+                  "is recorded in config.json).")
 FLAGS = flags.FLAGS
 LOG_FILE = "train.log"
 # `--config.<field>=<value>` given with --workdir alone (no --config): applied

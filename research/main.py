@@ -32,9 +32,6 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "plot", "summary"
                   "training.")
 flags.DEFINE_integer("step", None, "--mode=eval/sample: the checkpoint step "
                      "to use (default: the latest).")
-flags.DEFINE_bool("allow_config_change", False, "Resume a run whose config "
-                  "changed in a field that changes the experiment (the change "
-                  "is recorded in config.json).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process jobs: host:port of "
                     "process 0 (else read from the cluster's environment, if any).")
 flags.DEFINE_integer("num_processes", None, "Multi-process jobs: how many.")
