@@ -77,7 +77,7 @@ def measure_size(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "steps_per_epoch": sum(rows.counts) // config.batch_size}
 
 
-def _run_name(size: str, budget: float) -> str:
+def run_name(size: str, budget: float) -> str:
     return f"{size}_C{budget:.2g}".replace("+", "")
 
 
@@ -117,7 +117,7 @@ class Grid:
         """Trains (or resumes, or re-evaluates) one run; its row."""
         m = self.size(size)
         steps = max(1, int(round(budget / m["flops_per_step"])))
-        name = _run_name(size, budget)
+        name = run_name(size, budget)
         if (name in self.done and self.done[name]["steps"] == steps
                 and os.path.isdir(self.table.path(name))):
             return self.done[name]

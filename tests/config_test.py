@@ -108,7 +108,7 @@ def test_python_overrides_are_checked():
     ("dataset", "imagenet", r"Unknown dataset 'imagenet'.*cifar10"),
     ("optimizer", "lion", r"Unknown optimizer 'lion'.*sgd"),
     ("batch_size", 0, "batch_size must be a positive integer"),
-    ("num_epochs", -1, "num_epochs must be a positive integer"),
+    ("num_epochs", -1, "num_epochs must be > 0"),
     ("learning_rate", -0.1, "learning_rate must be positive"),
     ("momentum", 1.5, r"momentum must be in \[0, 1\)"),
 ])

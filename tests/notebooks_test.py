@@ -27,6 +27,7 @@ EXECUTED = {
     "rnn.ipynb": {"WORKDIR": "{tmp_path}/rnn"},
     # A results file in the pipeline's format, written by the test.
     "compression.ipynb": {"RESULTS": "{tmp_path}/compression_results.json"},
+    "scaling.ipynb": {"RESULTS": "{tmp_path}/scaling_results.json"},
 }
 # Notebooks that read real data (smoke-sized), and the dataset they need.
 REAL_DATA = {"cnn.ipynb": "cifar10", "rnn.ipynb": "tiny_shakespeare"}
@@ -69,6 +70,8 @@ def test_notebook_runs(name, kernel_manager, tmp_path, monkeypatch):
                     f"$TFDS_DATA_DIR={data_dir!r} (CI sets it)")
     if name == "compression.ipynb":
         _write_results(tmp_path)
+    if name == "scaling.ipynb":
+        _write_scaling_results(tmp_path)
     for key, value in {"MPLBACKEND": "Agg", "JAX_PLATFORMS": "cpu",
                        "PYTHONPATH": helpers.REPO,  # this checkout's `research`
                        **EXECUTED[name]}.items():
@@ -106,6 +109,23 @@ def _write_results(directory):
     table = runner.Runner(str(directory), compress.RESULTS, compress.render)
     for row in rows:
         table.add(dataclasses.asdict(row))
+
+
+def _write_scaling_results(directory):
+    """A scaling_results.json like `research.scaling` writes, fitted to runs
+    on a known law."""
+    from research import runner, scaling_fits  # pylint: disable=g-import-not-at-top
+    runs = []
+    for n in (3e4, 1e5, 3e5, 8e5):
+        for c in (1e12, 3e12, 1e13):
+            d = c / (7 * n)
+            runs.append({"name": f"{n:g}_{c:g}", "size": f"{n:g}", "budget": c,
+                         "params": int(n), "tokens": d, "flops": c,
+                         "loss": 1.3 + 60 / n ** 0.45 + 300 / d ** 0.35})
+    results = {"about": runner.provenance(), "runs": runs,
+               "fits": scaling_fits.fit_all(runs, 5, (1e14,))}
+    with open(os.path.join(directory, "scaling_results.json"), "w") as f:
+        json.dump(results, f)
 
 
 @pytest.mark.parametrize("path", notebook_paths(), ids=os.path.basename)

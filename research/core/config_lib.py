@@ -218,11 +218,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_run(config: ml_collections.ConfigDict) -> None:
-    for key in ("batch_size", "eval_batch_size", "num_epochs", "steps_per_call",
+    for key in ("batch_size", "eval_batch_size", "steps_per_call",
                 "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[key] < 1:
             raise errors.UserError(
                 f"config.{key} must be a positive integer, got {config[key]}.")
+    if not config.num_epochs > 0:  # a fraction of an epoch is a run too
+        raise errors.UserError(
+            f"config.num_epochs must be > 0, got {config.num_epochs}.")
     if config.num_devices < 0:
         raise errors.UserError(
             f"config.num_devices must be >= 0 (0: all), got {config.num_devices}.")
