@@ -44,7 +44,8 @@ from research.compression import prune
 from research.compression import quantize
 
 RESULTS = "compression_results"
-STAGES = ("teacher", "student", "distill", "prune", "ptq", "qat", "prune_ptq")
+STAGES = ("teacher", "student", "distill", "prune", "ptq", "ptq_weights", "qat",
+          "prune_ptq")
 
 
 @dataclasses.dataclass
@@ -58,8 +59,9 @@ class Row:
     nonzeros: int
     bytes: int
     bytes_zipped: int
-    eval_images_per_s: float
+    eval_images_per_s: float  # examples (images, or characters of text) a second
     workdir: str
+    loss: float = float("nan")  # the evaluation's cross-entropy (nats)
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -129,47 +131,53 @@ class Pipeline:
         """Scores a trained run's checkpoint as it was saved (float32)."""
         restored, exp, data = self._restore(config, self.path(name))
         variables = restored.variables
-        accuracy, speed = _score(exp.model.apply, variables, exp, data)
+        metrics, speed = _score(exp.model.apply, variables, exp, data)
         path = self.path(os.path.join("exports", f"{name}.npz"))
         flat = {"/".join(map(str, k)): np.asarray(v) for k, v in
                 jax.tree_util.tree_flatten_with_path(variables)[0]}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         np.savez(path, **flat)
-        return self._row(name, model, stage, accuracy, variables, path, speed)
+        return self._row(name, model, stage, metrics, variables, path, speed)
 
     def int8_row(self, name: str, model: str, stage: str,
-                 config: ml_collections.ConfigDict, source: str) -> Row:
-        """Post-training int8 of the run in `source`, calibrated on training
-        images, scored with the normal eval step."""
+                 config: ml_collections.ConfigDict, source: str,
+                 activations: bool = True) -> Row:
+        """Post-training int8 of the run in `source` (weights and, with
+        `activations`, the ops' inputs, calibrated on training examples),
+        scored with the normal eval step."""
         xla = _with_xla_kernels(config)
         restored, exp, data = self._restore(xla, self.path(source))
+        module_path = self.config.quant.get("module_path", ".*")
         quantize.check_traceable(exp.model, _calibration(exp, 1)[0][:1])
         quantized = quantize.post_training_quantize(
             exp.model, restored.variables,
-            _calibration(exp, self.config.quant.calibration_batches))
-        accuracy, speed = _score(quantized.apply_fn, quantized.variables, exp, data)
+            _calibration(exp, self.config.quant.calibration_batches),
+            module_path=module_path, activations=activations)
+        metrics, speed = _score(quantized.apply_fn, quantized.variables, exp, data)
         path = self.path(os.path.join("exports", f"{name}.int8.safetensors"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         quantize.export_int8(quantized.variables, path, model={
             "model": xla.model, "model_kwargs": xla.model_kwargs.to_dict(),
-            "module_path": ".*"})
-        return self._row(name, model, stage, accuracy, restored.variables, path,
+            "module_path": module_path, "activations": activations})
+        return self._row(name, model, stage, metrics, restored.variables, path,
                          speed)
 
     def _restore(self, config, workdir):
-        """The run's checkpoint, scored as a plain classifier (a distilled
-        student without its teacher)."""
+        """The run's checkpoint, scored with its dataset's own objective (a
+        distilled student without its teacher)."""
         config = ml_collections.ConfigDict(config.to_dict())
-        config.objective = "classification"
+        config.objective = ""
         config.objective_kwargs = ml_collections.ConfigDict()
         mesh = mesh_lib.create_mesh(config.num_devices)
         restored = assembly.restore_variables(config, workdir, mesh=mesh)
         exp = assembly.build(config, mesh=mesh, info=restored.info or None)
         return restored, exp, data_inputs.placed_eval_split(exp)
 
-    def _row(self, name, model, stage, accuracy, variables, path, speed) -> Row:
+    def _row(self, name, model, stage, metrics, variables, path, speed) -> Row:
         params = variables["params"]
-        row = Row(name=name, model=model, stage=stage, accuracy=accuracy,
+        row = Row(name=name, model=model, stage=stage,
+                  accuracy=metrics.get("accuracy", float("nan")),
+                  loss=metrics["loss"],
                   params=sum(x.size for x in jax.tree.leaves(params)),
                   nonzeros=prune.count_nonzero(params), bytes=os.path.getsize(path),
                   bytes_zipped=_zipped_size(path), eval_images_per_s=speed,
@@ -202,9 +210,9 @@ def _calibration(exp: experiment_lib.Experiment, batches: int) -> list[jax.Array
 
 def _score(apply_fn: Callable[..., Any], variables: Any,
            exp: experiment_lib.Experiment, data: dict[str, jax.Array]
-           ) -> tuple[float, float]:
-    """Accuracy on the placed eval split with the normal eval step, and the
-    evaluation's images/s (the second of two timed passes)."""
+           ) -> tuple[dict[str, float], float]:
+    """The metrics of the placed eval split with the normal eval step, and
+    the evaluation's examples/s (the second of two timed passes)."""
     fn = jax.jit(lambda v, d, aux: steps.evaluate_batches(
         apply_fn, v, d, aux, pipeline=exp.pipeline(train=False)))
     aux = exp.aux()
@@ -215,7 +223,8 @@ def _score(apply_fn: Callable[..., Any], variables: Any,
         metrics = jax.block_until_ready(fn(variables, data, aux))
     seconds = time.perf_counter() - start
     examples = int(np.asarray(data["mask"]).sum())
-    return float(metrics.compute()["accuracy"]), examples / seconds
+    return ({k: float(v) for k, v in metrics.compute().items()},
+            examples / seconds)
 
 
 def _zipped_size(path: str) -> int:
@@ -234,11 +243,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     p = Pipeline(config, workdir, allow_config_change)
     stages = set(config.stages)
     configs = {}
-    if stages & {"teacher", "distill", "prune", "ptq", "qat", "prune_ptq"}:
+    if stages & {"teacher", "distill", "prune", "ptq", "ptq_weights", "qat",
+                 "prune_ptq"}:
         configs["teacher"] = p.train("teacher", "teacher")
         p.float_row("teacher", "teacher", "baseline", configs["teacher"])
     seeds = config.seeds
-    if stages & {"student", "distill", "prune", "ptq", "qat", "prune_ptq"}:
+    if stages & {"student", "distill", "prune", "ptq", "ptq_weights", "qat",
+                 "prune_ptq"}:
         for seed in seeds:
             name = f"student_seed{seed}"
             configs[name] = p.train(name, "student", {"seed": seed})
@@ -271,6 +282,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         for model in ("teacher", "student"):
             source, _ = sources[model]
             p.int8_row(f"{source}_int8", model, "ptq", configs[source], source)
+    if "ptq_weights" in stages:  # int8 weights, float activations
+        for model in ("teacher", "student"):
+            source, _ = sources[model]
+            p.int8_row(f"{source}_int8_weights", model, "ptq_weights",
+                       configs[source], source, activations=False)
     if "qat" in stages:
         for model in config.quant.qat_models:
             source, role = sources[model]
@@ -312,6 +328,7 @@ def _prune_overrides(config: ml_collections.ConfigDict, level: float,
     return {"prune.sparsity": level, "prune.schedule": config.prune.schedule,
             "prune.scope": config.prune.scope,
             "prune.update_every": options.prune_update_every,
+            "prune.exclude": config.prune.get("exclude", ""),
             "num_epochs": options.epochs, **_fine_tune(config, model, source)}
 
 
@@ -326,11 +343,14 @@ def _kernels_off(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def render(rows: list[dict[str, Any]]) -> list[str]:
-    """The Markdown table: each model beside its dense baseline."""
+    """The Markdown table: each model beside its dense baseline (accuracy for
+    classifiers; the evaluation loss for language models, which have none)."""
     dense = {}  # the first baseline of each model: what the others compare to
     for r in rows:
         if r["stage"] == "baseline":
             dense.setdefault(r["model"], r)
+    if all(np.isnan(r["accuracy"]) for r in rows):
+        return _render_loss(rows, dense)
     lines = ["| model | stage | test accuracy | vs dense | parameters | non-zeros | "
              "bytes (vs dense) | zipped | eval images/s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -346,12 +366,30 @@ def render(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _render_loss(rows: list[dict[str, Any]], dense: dict[str, Any]) -> list[str]:
+    lines = ["| model | stage | eval loss (nats) | vs dense | parameters | non-zeros | "
+             "bytes (vs dense) | zipped | eval examples/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = dense[r["model"]]
+        lines.append(
+            f"| {r['name']} | {r['stage']} | {r['loss']:.4f} | "
+            f"{r['loss'] - base['loss']:+.4f} | {r['params']:,} | "
+            f"{r['nonzeros']:,} ({r['nonzeros'] / r['params']:.0%}) | "
+            f"{r['bytes']:,} ({r['bytes'] / base['bytes']:.2f}x) | "
+            f"{r['bytes_zipped']:,} ({r['bytes_zipped'] / base['bytes']:.2f}x) | "
+            f"{r['eval_images_per_s']:,.0f} |")
+    return lines
+
+
 def _main(argv: list[str]) -> None:
     """`--config` is a compression config here; `--workdir` holds the stages."""
     workdir = cli.pipeline_workdir(argv, "configs/pipelines/compress_cifar.py")
     rows = run(flags.FLAGS.config, workdir, flags.FLAGS.allow_config_change)
     for r in rows:
-        writers.report(f"{r.name}: {100 * r.accuracy:.2f}%, {r.nonzeros:,} non-zeros, "
+        score = (f"loss {r.loss:.4f}" if np.isnan(r.accuracy)
+                 else f"{100 * r.accuracy:.2f}%")
+        writers.report(f"{r.name}: {score}, {r.nonzeros:,} non-zeros, "
                        f"{r.bytes:,} bytes")
     writers.report(f"table: {os.path.join(workdir, RESULTS + '.md')}")
 

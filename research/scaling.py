@@ -235,6 +235,9 @@ def render_results(results: dict[str, Any]) -> list[str]:
             f"{one['tokens_exponent']:.3f} {_interval(fits, 'approach1/tokens_exponent')}"
             f" | L*(C) ∝ C^-{one['loss_exponent']:.3f} "
             f"{_interval(fits, 'approach1/loss_exponent')} |")
+    else:
+        lines.append(f"| approach 1 (isoFLOP minima) | none: {one.get('minima_used', 0)} "
+                     "budget(s) with a minimum inside the sizes run, 2 needed | | |")
     lines.append(
         f"| approach 3 (L = E + A/N^α + B/D^β) | {three['params_exponent']:.3f} "
         f"{_interval(fits, 'approach3/params_exponent')} | "

@@ -7,7 +7,8 @@ final validation loss L). Two fits, as in the paper:
   grid fixes C rather than reading training curves): for every budget C a
   parabola of L in log N; its minimum is that budget's best size N*(C) and
   loss L*(C), the loss-vs-compute envelope. Power laws N*(C) = k C^a,
-  D*(C) = C / (F N*) ∝ C^b and L*(C) = k' C^-g fit the minima in log-log.
+  D*(C) = C / (F N*) ∝ C^b and L*(C) = k' C^-g fit the minima in log-log,
+  those inside the range of sizes run (at least two).
 - Approach 3: L(N, D) = E + A / N^alpha + B / D^beta, fitted to every run
   with a Huber loss on log L (delta 1e-3) by L-BFGS from a grid of starts;
   the compute-optimal exponent of N is beta / (alpha + beta).
@@ -68,10 +69,14 @@ def approach1(runs: Sequence[Run]) -> dict[str, Any]:
             flops = float(np.mean([r["flops"] for r in group]))
             minima.append({"budget": budget, "flops": flops, **m})
     out: dict[str, Any] = {"minima": minima}
-    if len(minima) >= 2:
-        c = np.array([m["flops"] for m in minima])
-        n = np.array([m["params"] for m in minima])
-        loss = np.array([m["loss"] for m in minima])
+    # A minimum beyond the sizes run is an extrapolation of the parabola,
+    # not a measurement: the power laws use the interior ones only.
+    inside = [m for m in minima if m["inside"]]
+    out["minima_used"] = len(inside)
+    if len(inside) >= 2:
+        c = np.array([m["flops"] for m in inside])
+        n = np.array([m["params"] for m in inside])
+        loss = np.array([m["loss"] for m in inside])
         f_exp, f_log = flops_per_param_token(runs)
         tokens = c / (np.exp(f_log) * n ** (1 + f_exp))
         out["params_exponent"], out["params_log_coef"] = _loglog_fit(c, n)
@@ -107,7 +112,7 @@ def _starts() -> list[np.ndarray]:
     """The grid of initial (a, b, e, alpha, beta), coarser than the paper's."""
     return [np.array(s, float) for s in itertools.product(
         (0.0, 5.0, 10.0, 15.0, 20.0), (0.0, 5.0, 10.0, 15.0, 20.0),
-        (-1.0, 0.0, 0.5, 1.0), (0.25, 0.5, 1.0, 1.5), (0.25, 0.5, 1.0, 1.5))]
+        (-1.0, 0.0, 1.0), (0.25, 0.5, 1.0), (0.25, 0.5, 1.0))]
 
 
 def _fit_theta(runs: Sequence[Run], starts: Sequence[np.ndarray]) -> tuple[np.ndarray, float]:
@@ -163,7 +168,7 @@ def bootstrap(runs: Sequence[Run], main3: dict[str, Any], replicas: int,
     resamplings of the runs. Approach 3 restarts from the main fit and a few
     grid starts (the full grid per replica would take minutes)."""
     rng = np.random.default_rng(seed)
-    starts = [np.array(main3["theta"])] + _starts()[::200]
+    starts = [np.array(main3["theta"])] + _starts()[::100]
     samples: dict[str, list[float]] = {}
     for _ in range(replicas):
         sample = [runs[i] for i in rng.integers(0, len(runs), len(runs))]

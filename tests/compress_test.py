@@ -71,7 +71,21 @@ def test_distillation_keeps_the_teacher_out_and_unchanged(tmp_path):
         "teacher_workdir": teacher_dir, "temperature": 2.0, "alpha": 0.5,
         "teacher_step": 0})
     result = helpers.mocked(train.train_and_evaluate, config, student_dir)
-    assert 0.0 <= result["eval/agreement"] <= 1.0
+    # The reported agreement is the top-1 agreement of the two saved models
+    # on the evaluation split, computed here apart from the trainer.
+    from research import models  # pylint: disable=g-import-not-at-top
+    from research.data import input_pipeline, tfds_reader  # pylint: disable=g-import-not-at-top
+    dataset = input_pipeline.get_dataset(config.dataset)
+    images = helpers.mocked(tfds_reader.read, dataset, config, config.eval_split,
+                            ("image",))["image"].astype("float32") / 255.0
+    top1 = {}
+    for name, cfg, run_dir in (("teacher", teacher_config, teacher_dir),
+                               ("student", config, student_dir)):
+        model = models.create_model(cfg.model, **cfg.model_kwargs)
+        variables = assembly.restore_variables(cfg, run_dir).variables
+        top1[name] = model.apply(variables, images, train=False).argmax(-1)
+    assert result["eval/agreement"] == pytest.approx(
+        float((top1["teacher"] == top1["student"]).mean()), abs=1e-6)
     after = assembly.restore_variables(teacher_config, teacher_dir).variables
     helpers.assert_trees_equal(before, after)
     assert mtimes == {p: os.path.getmtime(p) for p in _files(teacher_dir)}
@@ -169,3 +183,53 @@ def test_the_measured_table_in_docs_is_in_the_pipelines_format():
     rows = [compress.Row(**r) for r in runner.read_rows(path)]
     assert {r.stage for r in rows} >= {"baseline", "distill", "prune", "ptq"}
     assert all(0.0 < r.accuracy < 1.0 and r.nonzeros <= r.params for r in rows)
+
+
+def test_language_model_pipeline_distils_prunes_the_mlp_and_exports_int8(tmp_path):
+    """The GPT's stages on mocked Tiny Shakespeare: scored by validation
+    loss; the teacher changes the student's training; pruning leaves the
+    attention whole; both int8 files rebuild the scored model."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from research.compression import quantize  # pylint: disable=g-import-not-at-top
+    from configs.pipelines import compress_gpt  # pylint: disable=g-import-not-at-top
+    config = compress_gpt.get_config("smoke")
+    config.data_dir = "/nonexistent/tfds"
+    for role in ("teacher", "student"):  # the mocked text: 11 characters
+        config[role].overrides.update({"seq_len": 8, "eval_batch_size": 4})
+        config[role].overrides.model_kwargs.update({"vocab_size": 11, "context": 16})
+    workdir = str(tmp_path / "pipeline")
+    rows = helpers.rnn_mocked(compress.run, config, workdir)
+    by_name = {r.name: r for r in rows}
+    assert list(by_name) == [
+        "teacher", "student_seed0", "distill_seed0", "prune_teacher_0",
+        "prune_teacher_50", "prune_teacher_75", "teacher_int8", "student_seed0_int8",
+        "teacher_int8_weights", "student_seed0_int8_weights"]
+    assert all(np.isnan(r.accuracy) and 0 < r.loss < np.log(11) for r in rows)
+
+    # Same init, data and steps: only the teacher's targets differ.
+    alone = assembly.restore_variables(
+        config_lib.load_workdir_config(os.path.join(workdir, "student_seed0")),
+        os.path.join(workdir, "student_seed0")).variables
+    distilled = assembly.restore_variables(
+        config_lib.load_workdir_config(os.path.join(workdir, "distill_seed0")),
+        os.path.join(workdir, "distill_seed0")).variables
+    assert helpers.max_diff(alone, distilled) > 1e-3
+    assert by_name["distill_seed0"].loss != by_name["student_seed0"].loss
+
+    pruned = assembly.restore_variables(
+        config_lib.load_workdir_config(os.path.join(workdir, "prune_teacher_75")),
+        os.path.join(workdir, "prune_teacher_75")).variables["params"]
+    report = prune.sparsity(pruned)
+    for name, level in report.items():
+        if name.endswith(("fc1/kernel", "fc2/kernel")):
+            assert level == pytest.approx(0.75, abs=0.01), (name, level)
+        elif name != "total":  # attention and embeddings: not pruned
+            assert level == 0.0, (name, level)
+
+    for name in ("teacher_int8", "teacher_int8_weights"):
+        path = os.path.join(workdir, "exports", f"{name}.int8.safetensors")
+        model = quantize.load_int8_model(path)
+        tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % 11
+        logits = model.apply_fn(model.variables, tokens, train=False)
+        assert np.isfinite(np.asarray(logits)).all()
+        assert by_name[name].bytes < 0.6 * by_name["teacher"].bytes

@@ -21,9 +21,11 @@ PRESETS = {"cifar_cnn.py": ["", "smoke"], "cifar_convnet.py": ["", "smoke"],
            "shakespeare_rnn.py": ["", "cpu", "smoke"],
            "cifar_fast.py": ["", "gpu", "cpu", "smoke"],
            "compress_cifar.py": ["", "smoke"], "diloco_cifar.py": ["", "smoke"],
-           "diloco_lstm.py": ["", "smoke"]}
+           "diloco_lstm.py": ["", "smoke"],
+           "scaling_shakespeare.py": ["", "cpu", "gpu", "smoke"]}
 PIPELINES = {"compress_cifar.py"}  # research.compress configs, not experiments
 SWEEPS = {"diloco_cifar.py", "diloco_lstm.py"}  # research.sweep configs
+GRIDS = {"scaling_shakespeare.py"}  # research.scaling configs
 
 
 def _parse(*args):
@@ -50,6 +52,11 @@ def test_every_config_and_preset_loads_and_validates(path):
             assert set(config.order) <= set(config.variants), config.order
             for name in config.variants:
                 assembly.validate(sweep.variant_config(config, name))
+        elif os.path.basename(path) in GRIDS:
+            from research import scaling  # pylint: disable=g-import-not-at-top
+            assert config.heldout.size in {*config.sizes, *config.heldout.sizes}
+            for name in {*config.sizes, *config.heldout.sizes}:
+                assembly.validate(scaling.size_config(config, name))
         else:
             assembly.validate(config)
 

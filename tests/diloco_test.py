@@ -12,6 +12,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -117,14 +118,25 @@ def _worker(workdir: str) -> dict:
         out[name] = helpers.max_diff(variables["sync"], variables["diloco"])
 
     # The compiled inner step: no collective between replicas (K = 4 of 2
-    # devices, K = 8 of 1); the outer step: collectives across them.
-    for k in (4, 8):
-        config = helpers.tiny_config(num_devices=8, batch_size=16, **{
+    # devices, K = 8 of 1); the outer step: collectives across them. LeNet,
+    # the BatchNorm ConvNet (its statistics stay per replica too) and the
+    # character LSTM.
+    images = {"image": jax.numpy.zeros((16, 32, 32, 3)),
+              "label": jax.numpy.zeros((16,), jax.numpy.int32)}
+    cases = [("lenet", k, helpers.tiny_config, images) for k in (4, 8)] + [
+        ("convnet", 4, functools.partial(
+            helpers.tiny_config, model="convnet", model_kwargs={
+                "features": (8, 16), "num_classes": 10, "dropout_rate": 0.0}),
+         images),
+        ("char_rnn", 4, functools.partial(helpers.rnn_tiny_config,
+                                          eval_batch_size=8),
+         {"tokens": jax.numpy.zeros((16, 9), jax.numpy.int32)})]
+    for name, k, make, batch in cases:
+        config = make(num_devices=8, batch_size=16, **{
             **DILOCO, "data_parallel.replicas": k})
-        exp = assembly.build(config)
+        exp = assembly.build(config, info={"vocab": " abcdefghij"}
+                             if name == "char_rnn" else None)
         state = exp.create_state(jax.random.key(0), total_steps=100)
-        batch = {"image": jax.numpy.zeros((16, 32, 32, 3)),
-                 "label": jax.numpy.zeros((16,), jax.numpy.int32)}
         batch = jax.device_put(batch, mesh_lib.batch_sharded(exp.mesh))
         inner = functools.partial(steps.train_step, objective=exp.objective)
         with jax.set_mesh(exp.mesh):
@@ -132,11 +144,12 @@ def _worker(workdir: str) -> dict:
                 diloco.inner_steps, inner_step=inner, mesh=exp.mesh)).lower(
                     state, batch, jax.random.key(0), {}).compile().as_text()
             hlo_sync = jax.jit(diloco._sync).lower(state).compile().as_text()  # pylint: disable=protected-access
-        out[f"inner_mixed_{k}"] = _cross_replica_collectives(hlo_inner, 8, k)
-        out[f"inner_collectives_{k}"] = sum(
+        tag = f"{name}_{k}"
+        out[f"inner_mixed_{tag}"] = _cross_replica_collectives(hlo_inner, 8, k)
+        out[f"inner_collectives_{tag}"] = sum(
             1 for line in hlo_inner.splitlines()
             if re.search(r"\sall-reduce(-start)?\(", line) and _carries_arrays(line))
-        out[f"sync_mixed_{k}"] = len(_cross_replica_collectives(hlo_sync, 8, k))
+        out[f"sync_mixed_{tag}"] = len(_cross_replica_collectives(hlo_sync, 8, k))
     return out
 
 
@@ -156,16 +169,16 @@ def test_one_step_periods_with_plain_outer_sgd_equal_synchronous_training(
     assert eight_devices[model] < helpers.TOLERANCE, eight_devices[model]
 
 
-def test_inner_steps_never_talk_across_replicas(eight_devices):
-    assert eight_devices["inner_mixed_4"] == [], eight_devices["inner_mixed_4"]
-    assert eight_devices["inner_mixed_8"] == [], eight_devices["inner_mixed_8"]
-    # K = 4 of 2 devices: gradients are reduced within each replica ...
-    assert eight_devices["inner_collectives_4"] > 0
-    # ... and K = 8 of 1 device: no array is reduced at all (the loss and
-    # counts for the log are scalars).
-    assert eight_devices["inner_collectives_8"] == 0
+@pytest.mark.parametrize("tag", ["lenet_4", "lenet_8", "convnet_4", "char_rnn_4"])
+def test_inner_steps_never_talk_across_replicas(eight_devices, tag):
+    assert eight_devices[f"inner_mixed_{tag}"] == [], eight_devices[f"inner_mixed_{tag}"]
+    if tag.endswith("_4"):  # K = 4 of 2 devices: reduced within each replica ...
+        assert eight_devices[f"inner_collectives_{tag}"] > 0
+    else:  # ... and K = 8 of 1 device: no array is reduced at all (the loss
+        # and counts for the log are scalars).
+        assert eight_devices[f"inner_collectives_{tag}"] == 0
     # The outer step does cross replicas (the checker sees such collectives).
-    assert eight_devices["sync_mixed_4"] > 0 and eight_devices["sync_mixed_8"] > 0
+    assert eight_devices[f"sync_mixed_{tag}"] > 0
 
 
 def test_communication_is_counted_from_the_schedule():
@@ -338,3 +351,85 @@ def test_two_processes_save_and_eight_devices_resume(tmp_path):
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     sys.path.insert(0, helpers.REPO)
     print(json.dumps(_worker(sys.argv[2])))
+
+
+def _reference_diloco(outer, targets, *, steps, h, lr, mu, inner_lr, delayed):
+    """DiLoCo in NumPy, written from the paper (and, delayed, from the eager
+    updates of arXiv:2502.12996): K replicas take inner steps
+    theta <- theta - inner_lr (theta - target_r,t); every h steps and after the
+    last the outer Nesterov SGD step takes the mean change (outer - theta_r).
+    Delayed: the step at the end of period p applies period p - 1's mean
+    change, each replica goes on from the result plus 1/K of its own change,
+    and the last sync applies both."""
+    k = len(targets)
+    m = np.zeros_like(outer)
+
+    def nesterov(x, g):
+        nonlocal m
+        m = mu * m + g
+        return x - lr * (g + mu * m)
+
+    theta = np.repeat(outer[None], k, axis=0)
+    anchor, pending = theta.copy(), np.zeros_like(outer)
+    history = []
+    for t in range(1, steps + 1):
+        theta = theta - inner_lr * (theta - targets[:, t - 1])
+        if t % h and t != steps:
+            continue
+        if not delayed:
+            outer = nesterov(outer, (outer[None] - theta).mean(0))
+            theta = np.repeat(outer[None], k, axis=0)
+        else:
+            change = anchor - theta
+            outer = nesterov(outer, pending)
+            if t == steps:
+                outer = nesterov(outer, change.mean(0))
+                pending, theta = np.zeros_like(outer), np.repeat(outer[None], k, 0)
+            else:
+                pending, theta = change.mean(0), outer[None] - change / k
+            anchor = theta.copy()
+        history.append((t, outer.copy(), theta.copy()))
+    return history
+
+
+@pytest.mark.parametrize("delayed", [False, True])
+def test_outer_nesterov_and_the_delayed_variant_follow_a_numpy_reference(delayed):
+    """K = 4 replicas, H = 3, outer momentum 0.9, 11 steps (three full
+    periods and a last partial one): the outer parameters and every
+    replica's after each sync equal the NumPy reference of the algorithm."""
+    import optax  # pylint: disable=g-import-not-at-top
+    from research.core import state as state_lib  # pylint: disable=g-import-not-at-top
+    from research.parallel import diloco  # pylint: disable=g-import-not-at-top
+    k, h, steps, lr, mu, inner_lr = 4, 3, 11, 0.7, 0.9, 0.3
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=5).astype(np.float32)
+    targets = rng.normal(size=(k, steps, 5)).astype(np.float32)
+    expected = _reference_diloco(start.astype(np.float64), targets, steps=steps,
+                                 h=h, lr=lr, mu=mu, inner_lr=inner_lr,
+                                 delayed=delayed)
+    opts = diloco.Options(replicas=k, sync_every=h, outer_learning_rate=lr,
+                          outer_momentum=mu, delayed=delayed)
+    state = diloco.create(state_lib.TrainState.create(
+        apply_fn=None, variables={"params": {"w": jnp.asarray(start)}},
+        tx=optax.identity()), opts, final_step=steps)
+    sync = jax.jit(diloco._sync)  # pylint: disable=protected-access
+    got = []
+    for t in range(1, steps + 1):
+        theta = state.inner.params["w"]
+        theta = theta - inner_lr * (theta - targets[:, t - 1])
+        state = state.replace(inner=state.inner.replace(
+            params={"w": theta}, step=jnp.full((k,), t, jnp.int32)))
+        if t % h == 0 or t == steps:
+            state = sync(state, jnp.asarray(t == steps))
+            got.append((t, np.asarray(state.outer_params["w"]),
+                        np.asarray(state.inner.params["w"])))
+    assert [t for t, _, _ in got] == [t for t, _, _ in expected] == [3, 6, 9, 11]
+    for (t, outer, theta), (_, want_outer, want_theta) in zip(got, expected):
+        np.testing.assert_allclose(outer, want_outer, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"outer params after step {t}")
+        np.testing.assert_allclose(theta, want_theta, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"replica params after step {t}")
+    # The momentum did something: without it the outer model differs.
+    plain = _reference_diloco(start.astype(np.float64), targets, steps=steps, h=h,
+                              lr=lr, mu=0.0, inner_lr=inner_lr, delayed=delayed)
+    assert np.abs(plain[-1][1] - expected[-1][1]).max() > 1e-2

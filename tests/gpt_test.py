@@ -75,7 +75,9 @@ def test_parameters_and_activations_carry_logical_names():
     assert leaves and all(len(tuple(s)) > 0 for s in leaves), specs
     block = specs["params"]["block0"]
     assert tuple(block["fc1"]["kernel"]) == ("embed", "mlp")
-    assert tuple(block["attention"]["query"]["kernel"]) == ("embed", "heads", "kv")
+    # [width, heads * head_dim]: the merged axis split as the heads are.
+    assert tuple(block["attention"]["query"]["kernel"]) == ("embed", "heads")
+    assert tuple(block["attention"]["out"]["kernel"]) == ("heads", "embed")
 
 
 def test_gpt_trains_evaluates_and_samples(tmp_path):

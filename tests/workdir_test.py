@@ -2,7 +2,6 @@
 and one-line errors for foreseeable mistakes (`research/workdir.py`, main)."""
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -114,16 +113,23 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
 
 @pytest.mark.slow
 def test_metrics_after_sigkill_and_resume_equal_an_uninterrupted_run(tmp_path):
+    """Killed once metrics past the last checkpoint are on disk (so the
+    resumed run must drop them and write them again, once)."""
     workdir = str(tmp_path / "killed")
     proc = _spawn(workdir, *LONG)
     deadline = time.time() + 120
-    while len(helpers.saved_steps(workdir) if os.path.isdir(
-            os.path.join(workdir, "checkpoints")) else []) < 2:
+    while True:
         assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 0.5))  # somewhere between checkpoints
+        saved = helpers.saved_steps(workdir) if os.path.isdir(
+            os.path.join(workdir, "checkpoints")) else []
+        if saved and _logged_steps(workdir) and max(
+                _logged_steps(workdir)) > max(saved) + 2:
+            break
+        time.sleep(0.01)
     proc.kill()
     assert proc.wait(timeout=30) == -signal.SIGKILL
+    checkpoint = max(helpers.saved_steps(workdir))
+    assert max(_logged_steps(workdir)) > checkpoint  # records to deduplicate
     assert _spawn(workdir, *LONG).wait(timeout=300) == 0
     straight = str(tmp_path / "straight")
     assert _run(f"--config={SMOKE}", f"--workdir={straight}", *MOCK, *LONG)[0] == 0
@@ -132,6 +138,21 @@ def test_metrics_after_sigkill_and_resume_equal_an_uninterrupted_run(tmp_path):
     assert steps == sorted(steps)
     assert _timeless(resumed) == _timeless(writers.read_metrics(straight))
     assert len([r for r in resumed if "eval/accuracy" in r]) == 30  # every epoch
+
+
+def _logged_steps(workdir) -> list[int]:
+    """Steps of the complete lines of metrics.jsonl (a run may be writing)."""
+    path = os.path.join(workdir, writers.METRICS_JSONL)
+    if not os.path.exists(path):
+        return []
+    steps = []
+    with open(path) as f:
+        for line in f:
+            try:
+                steps.append(int(json.loads(line)["step"]))
+            except (ValueError, KeyError):
+                pass
+    return steps
 
 
 def test_changed_learning_rate_is_refused_and_longer_training_continues(tmp_path):

@@ -101,7 +101,8 @@ class DistillationMetrics(clu_metrics.Collection):
 
 @dataclasses.dataclass(frozen=True)
 class Distillation:
-    """Classification against a frozen teacher (a trained run's model).
+    """Classification (or next-token prediction, where every position is an
+    example) against a frozen teacher (a trained run's model).
 
     The teacher runs in evaluation mode (BatchNorm statistics frozen, no
     dropout) on the same preprocessed and augmented batch as the student
@@ -134,7 +135,8 @@ class Distillation:
         check_options(self.temperature, self.alpha, "objective_kwargs.")
 
     def model_input(self, batch):
-        return batch["image"]
+        # A language model reads the tokens and predicts each next one.
+        return batch["tokens"][:, :-1] if "tokens" in batch else batch["image"]
 
     def check(self, output_shape, info):
         """The teacher must know the student's labels: the same classes."""
@@ -152,7 +154,14 @@ class Distillation:
         del params
         teacher = jax.lax.stop_gradient(self.teacher_model.apply(
             aux["teacher"], self.model_input(batch), train=False))
-        labels, mask = batch["label"], batch.get("mask")
+        mask = batch.get("mask")
+        if "tokens" in batch:  # every position an example: [batch * time, vocab]
+            labels = batch["tokens"][:, 1:].reshape(-1)
+            outputs = outputs.reshape(labels.shape[0], -1)
+            teacher = teacher.reshape(labels.shape[0], -1)
+            mask = None if mask is None else mask.reshape(-1)
+        else:
+            labels = batch["label"]
         if train:
             losses = distillation_losses(outputs, teacher, labels,
                                          temperature=self.temperature,

@@ -65,7 +65,9 @@ class QuantizedModel(NamedTuple):
 
 
 def _rules(rule_type: type, module_path: str, *, static: bool,
-           **kwargs: Any) -> list[Any]:
+           activations: bool = True, **kwargs: Any) -> list[Any]:
+    if not activations:  # int8 weights, float inputs (dense ops only in qwix)
+        return [rule_type(module_path=module_path, weight_qtype=_QTYPE, **kwargs)]
     return [rule_type(module_path=module_path, weight_qtype=_QTYPE,
                       act_qtype=_QTYPE, act_static_scale=static, **kwargs)]
 
@@ -128,9 +130,11 @@ ACT_RANGES = ("max", "mean")
 
 def post_training_quantize(model: nn.Module, variables: dict[str, PyTree],
                            calibration_batches: Iterable[Any], *,
-                           module_path: str = ".*", act_range: str = "max"
-                           ) -> QuantizedModel:
-    """Int8 weights and statically calibrated int8 activations (W8A8).
+                           module_path: str = ".*", act_range: str = "max",
+                           activations: bool = True) -> QuantizedModel:
+    """Int8 weights and statically calibrated int8 activations (W8A8), or,
+    with `activations=False`, int8 weights only (W8A16: the op's inputs stay
+    float; dense ops only, as qwix's convolutions need both).
 
     Runs the model over the calibration batches with qwix's `QtProvider`
     (`act_static_scale`) to collect each op input's per-example absmax, then
@@ -153,6 +157,8 @@ def post_training_quantize(model: nn.Module, variables: dict[str, PyTree],
         images from the training set; at least one.
       module_path: regex on module paths to quantize.
       act_range: "max" or "mean".
+      activations: quantize the ops' inputs too (else only one calibration
+        batch is read, for the shapes).
 
     Returns:
       A `QuantizedModel`; jit its `apply_fn` as the eval step does.
@@ -165,6 +171,19 @@ def post_training_quantize(model: nn.Module, variables: dict[str, PyTree],
     if act_range not in ACT_RANGES:
         raise errors.UserError(f"Unknown act_range {act_range!r}; choose from "
                                f"{list(ACT_RANGES)}.")
+    if not activations:
+        first = next(iter(calibration_batches), None)
+        if first is None:
+            raise ValueError("post_training_quantize needs a calibration batch "
+                             "(for the shapes).")
+        ptq = qwix.quantize_model(model, qwix.PtqProvider(
+            _rules(qwix.QuantizationRule, module_path, static=False,
+                   activations=False)))
+        abstract = _abstract_init(ptq, jnp.asarray(first))["params"]
+        params = qwix.quantize_params(jax.tree.map(jnp.asarray, variables["params"]),
+                                      abstract)
+        _check_quantized(params, module_path)
+        return QuantizedModel(ptq.apply, {**variables, "params": params})
     stats, first, num_batches = None, None, 0
     for x in calibration_batches:
         x = jnp.asarray(x)
@@ -288,7 +307,8 @@ def export_int8(variables: PyTree, path: str | os.PathLike, *,
       variables: nested dicts of arrays holding at least one int8 kernel.
       path: the file to write.
       model: how to rebuild the model: {"model": registered name,
-        "model_kwargs": {...}, "module_path": the quantized modules' regex};
+        "model_kwargs": {...}, "module_path": the quantized modules' regex,
+        "activations": False for int8 weights only (default True)};
         `load_int8_model` needs it.
 
     Returns:
@@ -396,8 +416,10 @@ def load_int8_model(path: str | os.PathLike) -> QuantizedModel:
                          "`model=`); build the model and use load_int8.")
     spec = header["model"]
     model = models.create_model(spec["model"], **spec["model_kwargs"])
+    activations = spec.get("activations", True)
     ptq = qwix.quantize_model(model, qwix.PtqProvider(
-        _rules(qwix.QuantizationRule, spec["module_path"], static=True)))
+        _rules(qwix.QuantizationRule, spec["module_path"], static=activations,
+               activations=activations)))
     return QuantizedModel(ptq.apply, load_int8(path))
 
 

@@ -36,9 +36,16 @@ def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 
 class Dense(nn.Module):
-    """x [..., *in] @ kernel [*in, *features] without a bias; the kernel is
-    made in its full shape (flax's DenseGeneral makes it flat, which its
-    logical names could not describe)."""
+    """x [..., *in] @ kernel [prod(in), prod(features)] without a bias.
+
+    The kernel is stored 2-D, the matmul's own operand: XLA:CPU runs
+    multi-axis contractions (and their gradients) much slower, and qwix
+    quantizes a kernel only when `jax.lax.dot_general` reads the
+    parameter itself.
+    Each merged axis takes the logical name of its leading (major) axis
+    (`names` are those of the full shape): splitting [heads * head_dim]
+    in contiguous blocks over devices is splitting the heads.
+    """
     features: tuple[int, ...]
     names: tuple[str | None, ...]
     dtype: Any
@@ -48,15 +55,16 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        shape = x.shape[x.ndim - self.contract:] + tuple(self.features)
-        kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.initializers.normal(self.std), self.names), shape, self.param_dtype)
-        # One 2-D matmul (XLA:CPU runs multi-axis contractions, and their
-        # gradients, much slower).
         lead, fan_in = x.shape[:x.ndim - self.contract], math.prod(
             x.shape[x.ndim - self.contract:])
-        y = (x.astype(self.dtype).reshape(-1, fan_in)
-             @ kernel.astype(self.dtype).reshape(fan_in, -1))
+        names = (self.names[0], self.names[self.contract])
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(self.std), names),
+            (fan_in, math.prod(self.features)), self.param_dtype)
+        if kernel.dtype != self.dtype:  # bf16 compute on float32 weights
+            kernel = kernel.astype(self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype).reshape(-1, fan_in), kernel,
+                                (((1,), (0,)), ((), ())))
         return y.reshape(lead + tuple(self.features))
 
 
@@ -223,7 +231,12 @@ class GPT(nn.Module):
                       name=f"block{i}")(x, train, decode)
         x = _norm(dtype, param_dtype, "norm")(x)
         if self.tie_embeddings:
-            logits = embed.attend(x)
+            # x @ table^T by dot_general (flax's `attend` calls jnp.dot, whose
+            # extra arguments qwix's interception of dot_general rejects).
+            table = embed.embedding
+            logits = jax.lax.dot_general(
+                x, table if table.dtype == dtype else table.astype(dtype),
+                (((x.ndim - 1,), (1,)), ((), ())))
         else:
             logits = _dense(rows, ("embed", "vocab"), dtype, param_dtype, "head")(x)
         logits = _constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
