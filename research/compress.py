@@ -7,13 +7,15 @@ The config names a teacher and a student (each a config file plus
 overrides) and the stages to run: train the teacher and the student alone,
 distil the student from the teacher, prune either model to each sparsity
 level (fine-tuning from its trained weights with the gradual schedule),
-quantize to int8 after training (calibrated on training images) or through
+quantize to int8 after training (weights and activations calibrated on
+training examples, `ptq`, or weights only, `ptq_weights`) or through
 quantization-aware training, and prune-then-quantize. Every training stage is
 an ordinary run in its own sub-workdir, so it resumes like any run and a
 finished one is only evaluated (`runner.py`). The results go to
-`<workdir>/compression_results.{json,md}`: test accuracy, parameters,
-non-zeros counted in the saved checkpoint, bytes of the exported weights,
-and evaluation images/s here.
+`<workdir>/compression_results.{json,md}`: the evaluation's accuracy (or,
+for a language model, its loss), parameters, non-zeros counted in the saved
+checkpoint, bytes of the exported weights, and evaluation examples/s here.
+configs/pipelines/compress_gpt.py is the language model's.
 """
 import dataclasses
 import os

@@ -57,12 +57,12 @@ def isoflops(results: dict[str, Any], path: str) -> str:
             grid = np.geomspace(n.min(), n.max(), 50)
             ax.plot(grid, np.polyval(coef, np.log(grid)), "-", color=f"C{i}",
                     linewidth=1)
-        if budget in minima:
+        if budget in minima and minima[budget]["inside"]:
             ax.plot(minima[budget]["params"], minima[budget]["loss"], "*",
                     color=f"C{i}", markersize=14, markeredgecolor="k")
     ax.set(xscale="log", xlabel="non-embedding parameters N",
            ylabel="validation loss (nats/char)",
-           title="isoFLOP curves and their minima (stars)")
+           title="isoFLOP curves and their minima inside the sizes (stars)")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -84,12 +84,13 @@ def frontier(results: dict[str, Any], path: str) -> str:
                label=f"approach 3: N* ∝ C^{three['params_exponent']:.2f}")
     left.plot(grid, [o["loss"] for o in optimal], "-", color="C1",
               label="approach 3: loss at N*(C)")
-    if one.get("minima"):
-        c = np.array([m["flops"] for m in one["minima"]])
-        left.plot(c, [m["loss"] for m in one["minima"]], "*", color="C0",
-                  markersize=12, label="isoFLOP minima")
-        right.plot(c, [m["params"] for m in one["minima"]], "*", color="C0",
-                   markersize=12, label="isoFLOP minima")
+    inside = [m for m in one.get("minima", []) if m["inside"]]
+    if inside:
+        c = np.array([m["flops"] for m in inside])
+        left.plot(c, [m["loss"] for m in inside], "*", color="C0",
+                  markersize=12, label="isoFLOP minima (inside the sizes)")
+        right.plot(c, [m["params"] for m in inside], "*", color="C0",
+                   markersize=12, label="isoFLOP minima (inside the sizes)")
     if "params_exponent" in one:
         left.plot(grid, np.exp(one["loss_log_coef"]) * grid ** -one["loss_exponent"],
                   "--", color="C0", label=f"approach 1: L* ∝ C^-{one['loss_exponent']:.3f}")

@@ -185,6 +185,7 @@ def test_the_measured_table_in_docs_is_in_the_pipelines_format():
     assert all(0.0 < r.accuracy < 1.0 and r.nonzeros <= r.params for r in rows)
 
 
+@pytest.mark.slow
 def test_language_model_pipeline_distils_prunes_the_mlp_and_exports_int8(tmp_path):
     """The GPT's stages on mocked Tiny Shakespeare: scored by validation
     loss; the teacher changes the student's training; pruning leaves the

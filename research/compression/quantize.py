@@ -116,7 +116,7 @@ def check_traceable(model: nn.Module, x: jax.Array, *, name: str = "this model",
         raise errors.UserError(
             f"Quantization does not support {name}: qwix cannot trace it "
             f"({type(e).__name__}: {str(e).splitlines()[0]}). Quantize one of "
-            "the CNNs (lenet, convnet, airbench).") from None
+            "the CNNs (lenet, convnet, airbench) or the GPT.") from None
     if "ffi_call" in jaxpr:
         fields = " and ".join(f"model_kwargs.{f}" for f in impl_fields)
         raise errors.UserError(
