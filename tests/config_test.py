@@ -22,8 +22,9 @@ PRESETS = {"cifar_cnn.py": ["", "smoke"], "cifar_convnet.py": ["", "smoke"],
            "cifar_fast.py": ["", "gpu", "cpu", "smoke"],
            "compress_cifar.py": ["", "smoke"], "diloco_cifar.py": ["", "smoke"],
            "diloco_lstm.py": ["", "smoke"],
-           "scaling_shakespeare.py": ["", "cpu", "gpu", "smoke"]}
-PIPELINES = {"compress_cifar.py"}  # research.compress configs, not experiments
+           "scaling_shakespeare.py": ["", "cpu", "gpu", "smoke"],
+           "compress_gpt.py": ["", "smoke"]}
+PIPELINES = {"compress_cifar.py", "compress_gpt.py"}  # research.compress configs
 SWEEPS = {"diloco_cifar.py", "diloco_lstm.py"}  # research.sweep configs
 GRIDS = {"scaling_shakespeare.py"}  # research.scaling configs
 
