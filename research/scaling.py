@@ -160,7 +160,7 @@ class Grid:
         return results
 
     def heldout(self) -> dict[str, Any]:
-        """Predicts the held-out run (once), trains it, compares."""
+        """Predicts the held-out run (once), trains it, compares (once)."""
         spec = self.grid.heldout
         m = self.size(spec.size)
         prediction = self._read(PREDICTION)
@@ -187,6 +187,9 @@ class Grid:
             writers.report(f"held-out {spec.size} at {flops:.3g} FLOPs: predicted "
                            f"loss {prediction['predicted_loss']:.4f} (written to "
                            f"{PREDICTION} before training)")
+        if "measured_loss" in prediction:  # done: only the fits are redone
+            self.fit()
+            return prediction
         row = self.train(spec.size, spec.budget)
         prediction["measured_loss"] = row["loss"]
         prediction["measured_seconds"] = row["seconds"]
