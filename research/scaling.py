@@ -8,10 +8,11 @@ compute budgets C in FLOPs. Each size's train step is compiled once and
 XLA's cost analysis counts its FLOPs (`sizes.json`, kept so that a resumed
 grid maps budgets to the same steps); the run of (size, C) trains
 round(C / FLOPs per step) steps with its own cosine schedule, an ordinary
-run in `<workdir>/<size>_<C>` that resumes like any other and is only
-evaluated again once finished. After every budget the fits are redone
-(`scaling_fits.py`) and `scaling_results.{json,md}` and the plots rewritten,
-so a grid stopped half-way goes on where it stopped.
+run in `<workdir>/<size>_<C>` that resumes like any other; a finished one
+is reused from `finished_runs.json` (or, if the command stopped before
+writing its row, from its metrics) without recompute. After every budget
+the fits are redone (`scaling_fits.py`) and `scaling_results.{json,md}` and
+the plots rewritten, so a grid stopped half-way goes on where it stopped.
 
 `--heldout` then predicts the loss of the config's held-out run (a budget
 beyond the grid's) from the fits, writes the prediction to
@@ -43,6 +44,7 @@ from research.core import writers
 from research.data import input_pipeline
 
 RUNS, RESULTS, SIZES = "scaling_runs", "scaling_results", "sizes.json"
+DONE = "finished_runs.json"  # every finished run's row, only ever added to
 PREDICTION = "heldout_prediction.json"
 EMBEDDINGS = ("token_embed", "position_embed")
 
@@ -89,8 +91,7 @@ class Grid:
         self.grid, self.workdir = grid, workdir
         self.table = runner.Runner(workdir, RUNS, render_runs, allow_config_change)
         self.sizes = self._read(SIZES) or {}
-        previous = self._read(RUNS + ".json")  # rows of finished runs, reused
-        self.done = {r["name"]: r for r in (previous or {}).get("rows", [])}
+        self.done = self._read(DONE) or {}  # finished runs: reused, not rerun
 
     def _read(self, name: str) -> Any:
         path = os.path.join(self.workdir, name)
@@ -118,6 +119,8 @@ class Grid:
         m = self.size(size)
         steps = max(1, int(round(budget / m["flops_per_step"])))
         name = run_name(size, budget)
+        if name not in self.done and os.path.isdir(self.table.path(name)):
+            self._recover(name, size, budget, steps)
         if (name in self.done and self.done[name]["steps"] == steps
                 and os.path.isdir(self.table.path(name))):
             return self.done[name]
@@ -129,11 +132,37 @@ class Grid:
             raise errors.UserError(
                 f"Run {name} ended at step {result['step']}, not the {steps} its "
                 "budget asks: its workdir holds another run; remove it.")
-        return {"name": name, "size": size, "budget": budget,
-                "params": m["params"], "params_total": m["params_total"],
-                "steps": steps, "tokens": steps * m["tokens_per_step"],
-                "flops": steps * m["flops_per_step"], "loss": result["eval/loss"],
-                "seconds": time.perf_counter() - start}
+        return self._finished(name, size, budget, steps, result["eval/loss"],
+                              time.perf_counter() - start)
+
+    def _finished(self, name: str, size: str, budget: float, steps: int,
+                  loss: float, seconds: float) -> dict[str, Any]:
+        m = self.sizes[size]
+        row = {"name": name, "size": size, "budget": budget,
+               "params": m["params"], "params_total": m["params_total"],
+               "steps": steps, "tokens": steps * m["tokens_per_step"],
+               "flops": steps * m["flops_per_step"], "loss": loss,
+               "seconds": seconds}
+        self.done[name] = row
+        self._write(DONE, self.done)
+        return row
+
+    def _recover(self, name: str, size: str, budget: float, steps: int) -> None:
+        """The row of a run that finished without one (a command stopped
+        before writing it): its final evaluation, from its metrics; the
+        seconds from their timestamps (the first logged steps' time
+        extrapolated from their speed)."""
+        try:
+            records = writers.read_metrics(self.table.path(name))
+        except (OSError, ValueError):
+            return
+        final = [r for r in records if r.get("step") == steps and "eval/loss" in r]
+        timed = [r for r in records if "perf/steps_per_sec" in r]
+        if final and timed:
+            seconds = (final[-1]["time"] - timed[0]["time"]
+                       + timed[0]["step"] / timed[0]["perf/steps_per_sec"])
+            self._finished(name, size, budget, steps, final[-1]["eval/loss"],
+                           seconds)
 
     def run(self) -> dict[str, Any]:
         """Every run of the grid (smallest budgets first), refitting after
