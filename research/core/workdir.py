@@ -106,6 +106,13 @@ def _read(fd: int) -> dict[str, Any]:
         return {}
 
 
+def _show(value: Any) -> str:
+    """A config value as a user typed it (a whole float as 2, not 2.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
 def _describe(holder: dict[str, Any]) -> str:
     if not holder:
         return "another run"
@@ -143,10 +150,11 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict,
         if key in fixed:
             raise errors.UserError(
                 f"config.{key} cannot change when resuming the run in {workdir!r} "
-                f"({old!r} -> {new!r}): {fixed[key]}. To go on from its "
+                f"({_show(old)} -> {_show(new)}): {fixed[key]}. To go on from its "
                 f"weights, start a new --workdir with --config.init_from={workdir}.")
     refused = [c for c in changes if not _free(c[0])]
-    described = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
+    described = "; ".join(f"{k}: {_show(old)} -> {_show(new)}"
+                          for k, old, new in changes)
     length = config_lib.run_length_dependents(config)
     if any(k == "num_epochs" for k, _, _ in changes) and length:
         # Free for a constant rate; here the run's length shapes its course.
