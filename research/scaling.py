@@ -41,7 +41,6 @@ from research import scaling_fits
 from research import scaling_plots
 from research.core import config_lib
 from research.core import writers
-from research.data import input_pipeline
 
 RUNS, RESULTS, SIZES = "scaling_runs", "scaling_results", "sizes.json"
 DONE = "finished_runs.json"  # every finished run's row, only ever added to
