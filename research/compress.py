@@ -345,38 +345,26 @@ def _kernels_off(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def render(rows: list[dict[str, Any]]) -> list[str]:
-    """The Markdown table: each model beside its dense baseline (accuracy for
-    classifiers; the evaluation loss for language models, which have none)."""
+    """The Markdown table: each model beside its dense baseline, scored by
+    accuracy, or, for language models (which have none), by the loss."""
     dense = {}  # the first baseline of each model: what the others compare to
     for r in rows:
         if r["stage"] == "baseline":
             dense.setdefault(r["model"], r)
-    if all(np.isnan(r["accuracy"]) for r in rows):
-        return _render_loss(rows, dense)
-    lines = ["| model | stage | test accuracy | vs dense | parameters | non-zeros | "
-             "bytes (vs dense) | zipped | eval images/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    by_loss = all(np.isnan(r["accuracy"]) for r in rows)
+    if by_loss:
+        head, unit = "eval loss (nats) | vs dense | ", "eval examples/s"
+        score = lambda r, b: f"{r['loss']:.4f} | {r['loss'] - b['loss']:+.4f}"  # noqa: E731
+    else:
+        head, unit = "test accuracy | vs dense | ", "eval images/s"
+        score = lambda r, b: (f"{100 * r['accuracy']:.2f}% | "  # noqa: E731
+                              f"{100 * (r['accuracy'] - b['accuracy']):+.2f}")
+    lines = [f"| model | stage | {head}parameters | non-zeros | bytes (vs dense) | "
+             f"zipped | {unit} |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = dense[r["model"]]
         lines.append(
-            f"| {r['name']} | {r['stage']} | {100 * r['accuracy']:.2f}% | "
-            f"{100 * (r['accuracy'] - base['accuracy']):+.2f} | {r['params']:,} | "
-            f"{r['nonzeros']:,} ({r['nonzeros'] / r['params']:.0%}) | "
-            f"{r['bytes']:,} ({r['bytes'] / base['bytes']:.2f}x) | "
-            f"{r['bytes_zipped']:,} ({r['bytes_zipped'] / base['bytes']:.2f}x) | "
-            f"{r['eval_images_per_s']:,.0f} |")
-    return lines
-
-
-def _render_loss(rows: list[dict[str, Any]], dense: dict[str, Any]) -> list[str]:
-    lines = ["| model | stage | eval loss (nats) | vs dense | parameters | non-zeros | "
-             "bytes (vs dense) | zipped | eval examples/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        base = dense[r["model"]]
-        lines.append(
-            f"| {r['name']} | {r['stage']} | {r['loss']:.4f} | "
-            f"{r['loss'] - base['loss']:+.4f} | {r['params']:,} | "
+            f"| {r['name']} | {r['stage']} | {score(r, base)} | {r['params']:,} | "
             f"{r['nonzeros']:,} ({r['nonzeros'] / r['params']:.0%}) | "
             f"{r['bytes']:,} ({r['bytes'] / base['bytes']:.2f}x) | "
             f"{r['bytes_zipped']:,} ({r['bytes_zipped'] / base['bytes']:.2f}x) | "

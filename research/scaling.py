@@ -11,8 +11,9 @@ round(C / FLOPs per step) steps with its own cosine schedule, an ordinary
 run in `<workdir>/<size>_<C>` that resumes like any other; a finished one
 is reused from `finished_runs.json` (or, if the command stopped before
 writing its row, from its metrics) without recompute. After every budget
-the fits are redone (`scaling_fits.py`) and `scaling_results.{json,md}` and
-the plots rewritten, so a grid stopped half-way goes on where it stopped.
+that trained a run the fits are redone (`scaling_fits.py`) and
+`scaling_results.{json,md}` and the plots rewritten, so a grid stopped
+half-way goes on where it stopped.
 
 `--heldout` then predicts the loss of the config's held-out run (a budget
 beyond the grid's) from the fits, writes the prediction to
@@ -29,7 +30,6 @@ from absl import flags
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
 
 from research import assembly
 from research import cli
@@ -91,6 +91,7 @@ class Grid:
         self.table = runner.Runner(workdir, RUNS, render_runs, allow_config_change)
         self.sizes = self._read(SIZES) or {}
         self.done = self._read(DONE) or {}  # finished runs: reused, not rerun
+        self.trained = 0  # runs this command trained (or resumed)
 
     def _read(self, name: str) -> Any:
         path = os.path.join(self.workdir, name)
@@ -116,7 +117,7 @@ class Grid:
     def train(self, size: str, budget: float) -> dict[str, Any]:
         """Trains (or resumes, or re-evaluates) one run; its row."""
         m = self.size(size)
-        steps = max(1, int(round(budget / m["flops_per_step"])))
+        steps = _steps(m, budget)
         name = run_name(size, budget)
         if name not in self.done and os.path.isdir(self.table.path(name)):
             self._recover(name, size, budget, steps)
@@ -127,6 +128,7 @@ class Grid:
         config.num_epochs = steps / m["steps_per_epoch"]
         start = time.perf_counter()
         result = self.table.train(name, config)
+        self.trained += 1
         if result["step"] != steps:
             raise errors.UserError(
                 f"Run {name} ended at step {result['step']}, not the {steps} its "
@@ -164,20 +166,29 @@ class Grid:
                            seconds)
 
     def run(self) -> dict[str, Any]:
-        """Every run of the grid (smallest budgets first), refitting after
-        each budget."""
-        results: dict[str, Any] = {}
+        """Every run of the grid (smallest budgets first); the fits are redone
+        after each budget that trained something, and once at the end."""
+        results, stale = {}, False
         for budget in sorted(self.grid.budgets):
+            trained = self.trained
             for size in self.grid.sizes:
                 self.table.add(self.train(size, budget))
-            results = self.fit()
-        return results
+            if self.trained > trained:
+                results, stale = self.fit(), False
+            else:
+                stale = True
+        return self.fit() if stale else results
 
     def fit(self) -> dict[str, Any]:
         rows = [r for r in self.table.rows if r["budget"] in self.grid.budgets]
         fits = scaling_fits.fit_all(rows, self.grid.bootstrap_replicas,
                                     list(self.grid.table_budgets))
         results = {"about": self.table.about, "runs": rows, "fits": fits}
+        self._publish(results)
+        return results
+
+    def _publish(self, results: dict[str, Any]) -> None:
+        """Writes the results (with the held-out check, if any) and plots."""
         prediction = self._read(PREDICTION)
         if prediction:
             results["heldout"] = prediction
@@ -185,46 +196,46 @@ class Grid:
         with open(os.path.join(self.workdir, RESULTS + ".md"), "w") as f:
             f.write("\n".join(render_results(results)) + "\n")
         scaling_plots.plot_all(results, self.workdir)
-        return results
 
-    def heldout(self) -> dict[str, Any]:
-        """Predicts the held-out run (once), trains it, compares (once)."""
+    def heldout(self, results: dict[str, Any]) -> dict[str, Any]:
+        """Predicts the held-out run from `run()`'s fits (once), trains it and
+        compares (once)."""
         spec = self.grid.heldout
         m = self.size(spec.size)
         prediction = self._read(PREDICTION)
         if prediction is None:
-            fits = self.fit()["fits"]
-            steps = max(1, int(round(spec.budget / m["flops_per_step"])))
-            tokens = steps * m["tokens_per_step"]
-            flops = steps * m["flops_per_step"]
+            fits = results["fits"]
+            steps = _steps(m, spec.budget)
+            tokens, flops = steps * m["tokens_per_step"], steps * m["flops_per_step"]
             one = fits["approach1"]
             prediction = {
                 "size": spec.size, "budget": spec.budget, "params": m["params"],
                 "tokens": tokens, "flops": flops,
                 "predicted_loss": scaling_fits.predict(fits["approach3"], m["params"],
                                                        tokens),
-                "envelope_loss": (float(np.exp(one["loss_log_coef"])
-                                        * flops ** -one["loss_exponent"])
+                "envelope_loss": (float(scaling_fits.envelope(one, flops)[1])
                                   if "loss_exponent" in one else None),
                 "optimal_at_budget": scaling_fits.optimal_size(
-                    fits["approach3"], flops,
-                    (fits["flops_per_param_token"]["exponent"],
-                     float(np.log(fits["flops_per_param_token"]["coef"])))),
+                    fits["approach3"], flops, scaling_fits.flops_fit(fits)),
                 "predicted": runner.provenance()}
             self._write(PREDICTION, prediction)
             writers.report(f"held-out {spec.size} at {flops:.3g} FLOPs: predicted "
                            f"loss {prediction['predicted_loss']:.4f} (written to "
                            f"{PREDICTION} before training)")
-        if "measured_loss" in prediction:  # done: only the fits are redone
-            self.fit()
+        if "measured_loss" in prediction:  # done (and in `results` already)
             return prediction
         row = self.train(spec.size, spec.budget)
         prediction["measured_loss"] = row["loss"]
         prediction["measured_seconds"] = row["seconds"]
         prediction["error"] = row["loss"] - prediction["predicted_loss"]
         self._write(PREDICTION, prediction)
-        self.fit()
+        self._publish(results)
         return prediction
+
+
+def _steps(size: dict[str, Any], budget: float) -> int:
+    """The steps that spend `budget` FLOPs on a size (at least one)."""
+    return max(1, int(round(budget / size["flops_per_step"])))
 
 
 def _num(x: float) -> str:
@@ -312,9 +323,9 @@ def _main(argv: list[str]) -> None:
     workdir = cli.pipeline_workdir(
         argv, "configs/pipelines/scaling_shakespeare.py:cpu")
     grid = Grid(flags.FLAGS.config, workdir, flags.FLAGS.allow_config_change)
-    grid.run()
+    results = grid.run()
     if flags.FLAGS.heldout:
-        grid.heldout()
+        grid.heldout(results)
     writers.report(f"results: {os.path.join(workdir, RESULTS + '.md')}")
 
 

@@ -157,6 +157,18 @@ def optimal_size(fit: dict[str, float], flops: float, flops_fit: tuple[float, fl
             "loss": float(res.fun)}
 
 
+def envelope(one: dict[str, Any], flops: Any) -> tuple[Any, Any]:
+    """Approach 1's power laws at budget(s) C: (N*(C), L*(C))."""
+    return (np.exp(one["params_log_coef"]) * flops ** one["params_exponent"],
+            np.exp(one["loss_log_coef"]) * flops ** -one["loss_exponent"])
+
+
+def flops_fit(fits: dict[str, Any]) -> tuple[float, float]:
+    """`fit_all`'s F(N) as `optimal_size` takes it: (exponent, log coef)."""
+    f = fits["flops_per_param_token"]
+    return f["exponent"], float(np.log(f["coef"]))
+
+
 def approach3(runs: Sequence[Run]) -> dict[str, Any]:
     theta, value = _fit_theta(runs, _starts())
     return {**_parametric(theta), "huber_sum": value, "theta": theta.tolist()}
@@ -194,10 +206,8 @@ def fit_all(runs: Sequence[Run], replicas: int = 200,
     for c in table_budgets:
         row = optimal_size(three, c, flops_fit)
         if "params_exponent" in one:
-            row["approach1_params"] = float(np.exp(one["params_log_coef"])
-                                            * c ** one["params_exponent"])
-            row["approach1_loss"] = float(np.exp(one["loss_log_coef"])
-                                          * c ** -one["loss_exponent"])
+            params, loss = envelope(one, c)
+            row["approach1_params"], row["approach1_loss"] = float(params), float(loss)
         table.append(row)
     return {"approach1": one, "approach3": three,
             "flops_per_param_token": {"exponent": flops_fit[0],

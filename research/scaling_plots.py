@@ -70,14 +70,13 @@ def isoflops(results: dict[str, Any], path: str) -> str:
 def frontier(results: dict[str, Any], path: str) -> str:
     fits = results["fits"]
     one, three = fits["approach1"], fits["approach3"]
-    flops_fit = (fits["flops_per_param_token"]["exponent"],
-                 float(np.log(fits["flops_per_param_token"]["coef"])))
     fig = mpl_figure.Figure(figsize=(11, 4.5), tight_layout=True)
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     runs = results["runs"]
     c_all = [r["flops"] for r in runs] + [row["flops"] for row in fits["table"]]
     grid = np.geomspace(min(c_all), max(c_all), 60)
-    optimal = [scaling_fits.optimal_size(three, c, flops_fit) for c in grid]
+    optimal = [scaling_fits.optimal_size(three, c, scaling_fits.flops_fit(fits))
+               for c in grid]
     left.plot([r["flops"] for r in runs], [r["loss"] for r in runs], ".", color="0.6",
               label="runs")
     right.plot(grid, [o["params"] for o in optimal], "-", color="C1",
@@ -92,10 +91,10 @@ def frontier(results: dict[str, Any], path: str) -> str:
         right.plot(c, [m["params"] for m in inside], "*", color="C0",
                    markersize=12, label="isoFLOP minima (inside the sizes)")
     if "params_exponent" in one:
-        left.plot(grid, np.exp(one["loss_log_coef"]) * grid ** -one["loss_exponent"],
-                  "--", color="C0", label=f"approach 1: L* ∝ C^-{one['loss_exponent']:.3f}")
-        right.plot(grid, np.exp(one["params_log_coef"]) * grid ** one["params_exponent"],
-                   "--", color="C0",
+        params, loss = scaling_fits.envelope(one, grid)
+        left.plot(grid, loss, "--", color="C0",
+                  label=f"approach 1: L* ∝ C^-{one['loss_exponent']:.3f}")
+        right.plot(grid, params, "--", color="C0",
                    label=f"approach 1: N* ∝ C^{one['params_exponent']:.2f}")
     held = results.get("heldout")
     if held and "measured_loss" in held:

@@ -105,13 +105,13 @@ def test_scaling_command_fits_plots_resumes_and_predicts_before_training(tmp_pat
     # it), each run's row comes back from its own metrics, still untrained.
     os.remove(os.path.join(workdir, scaling.DONE))
     recovered = scaling.Grid(grid, workdir)
-    helpers.rnn_mocked(recovered.run)
+    results = helpers.rnn_mocked(recovered.run)
     for name, stamp in stamps.items():
         assert os.path.getmtime(os.path.join(workdir, name, "metrics.jsonl")) == stamp
     assert [(r["name"], r["loss"]) for r in recovered.table.rows] == [
         (r["name"], r["loss"]) for r in runs]
 
-    prediction = helpers.rnn_mocked(again.heldout)
+    prediction = helpers.rnn_mocked(recovered.heldout, results)
     assert prediction["size"] == grid.heldout.size
     assert prediction["flops"] > max(grid.budgets)  # beyond the grid
     assert prediction["error"] == pytest.approx(

@@ -171,24 +171,13 @@ def post_training_quantize(model: nn.Module, variables: dict[str, PyTree],
     if act_range not in ACT_RANGES:
         raise errors.UserError(f"Unknown act_range {act_range!r}; choose from "
                                f"{list(ACT_RANGES)}.")
-    if not activations:
-        first = next(iter(calibration_batches), None)
-        if first is None:
-            raise ValueError("post_training_quantize needs a calibration batch "
-                             "(for the shapes).")
-        ptq = qwix.quantize_model(model, qwix.PtqProvider(
-            _rules(qwix.QuantizationRule, module_path, static=False,
-                   activations=False)))
-        abstract = _abstract_init(ptq, jnp.asarray(first))["params"]
-        params = qwix.quantize_params(jax.tree.map(jnp.asarray, variables["params"]),
-                                      abstract)
-        _check_quantized(params, module_path)
-        return QuantizedModel(ptq.apply, {**variables, "params": params})
     stats, first, num_batches = None, None, 0
     for x in calibration_batches:
         x = jnp.asarray(x)
         first = x if first is None else first
         num_batches += 1
+        if not activations:  # weights only: one batch, for the shapes
+            break
         absmax = _example_absmax(model, variables, x, module_path)
         if act_range == "max":
             batch = jax.tree.map(lambda a: a.max(0, keepdims=True), absmax)
@@ -200,13 +189,15 @@ def post_training_quantize(model: nn.Module, variables: dict[str, PyTree],
     if first is None:
         raise ValueError("post_training_quantize needs at least one calibration "
                          "batch.")
-    ptq = qwix.quantize_model(model, qwix.PtqProvider(
-        _rules(qwix.QuantizationRule, module_path, static=True)))
+    ptq = qwix.quantize_model(model, qwix.PtqProvider(_rules(
+        qwix.QuantizationRule, module_path, static=activations,
+        activations=activations)))
     abstract = _abstract_init(ptq, first)["params"]
-    # qwix's statistics format: the range is sum_of_absmax / count.
-    count = jnp.int32(1 if act_range == "max" else num_batches)
-    quant_stats = jax.tree.map(
-        lambda s: {"count": count, "sum_of_absmax": s}, stats)
+    quant_stats = {}
+    if activations:  # qwix's statistics format: the range is sum_of_absmax / count
+        count = jnp.int32(1 if act_range == "max" else num_batches)
+        quant_stats = jax.tree.map(
+            lambda s: {"count": count, "sum_of_absmax": s}, stats)
     # quantize_params takes jax arrays only (not numpy).
     params = jax.tree.map(jnp.asarray, variables["params"])
     params = qwix.quantize_params(params, abstract, quant_stats)
