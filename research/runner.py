@@ -34,6 +34,7 @@ class Runner:
         self.workdir, self.stem, self.render = workdir, stem, render
         self.allow_config_change = allow_config_change
         self.rows: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] = {}  # what the rows add up to (a choice)
         self.about = provenance()
         os.makedirs(workdir, exist_ok=True)
 
@@ -53,7 +54,9 @@ class Runner:
 
     def write(self) -> None:
         with open(self.table_path(".json"), "w") as f:
-            json.dump({"about": self.about, "rows": self.rows}, f, indent=1)
+            json.dump({"about": self.about, "rows": self.rows,
+                       **({"summary": self.summary} if self.summary else {})},
+                      f, indent=1)
         header = [f"<!-- written by: {self.about['command']} -->",
                   f"<!-- commit {self.about['commit']}, {self.about['date']}, "
                   f"{self.about['machine']} -->", ""]
