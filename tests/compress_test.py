@@ -152,7 +152,8 @@ def test_smoke_pipeline_writes_the_table(tmp_path):
     config = config_lib.load_config(
         os.path.join(helpers.CONFIGS, "pipelines/compress_cifar.py:smoke"),
         {"data_dir": "/nonexistent/tfds", "train_split": "train",
-         "eval_split": "test", "prune.levels": (0.5,), "prune.compose_level": 0.5,
+         "eval_split": "test", "test_split": "test", "prune.levels": (0.5,),
+         "prune.compose_level": 0.5,
          "fine_tune.student.prune_update_every": 1,
          "fine_tune.teacher.prune_update_every": 1, "student.overrides.batch_size": 8,
          "teacher.overrides.batch_size": 8})
@@ -160,20 +161,32 @@ def test_smoke_pipeline_writes_the_table(tmp_path):
     rows = helpers.mocked(compress.run, config, workdir)
     names = [r.name for r in rows]
     assert names == ["teacher", "student_seed0", "distill_seed0",
-                     "prune_student_50", "prune_teacher_50", "teacher_int8",
-                     "student_seed0_int8", "qat_teacher_int8", "qat_student_int8",
-                     "prune_student_50_int8", "prune_teacher_50_int8"]
+                     "prune_student_50_seed0", "prune_teacher_0_seed0",
+                     "prune_teacher_50_seed0", "teacher_int8", "student_seed0_int8",
+                     "finetune_teacher", "qat_teacher_int8", "finetune_student",
+                     "qat_student_int8", "prune_student_50_seed0_int8",
+                     "prune_teacher_50_seed0_int8"]
     saved = runner.read_rows(os.path.join(workdir, "compression_results.json"))
     assert [r["name"] for r in saved] == names
     by_name = {r.name: r for r in rows}
-    assert by_name["prune_student_50"].nonzeros < 0.55 * by_name["student_seed0"].params
+    # Each row names the model with the same extra training, uncompressed.
+    assert {n: r.baseline for n, r in by_name.items() if r.baseline} == {
+        "distill_seed0": "student_seed0",
+        "prune_student_50_seed0": "student_seed0",  # no level 0 for it here
+        "prune_teacher_50_seed0": "prune_teacher_0_seed0",
+        "teacher_int8": "teacher", "student_seed0_int8": "student_seed0",
+        "qat_teacher_int8": "finetune_teacher", "qat_student_int8": "finetune_student",
+        "prune_student_50_seed0_int8": "prune_student_50_seed0",
+        "prune_teacher_50_seed0_int8": "prune_teacher_0_seed0"}
+    assert by_name["prune_student_50_seed0"].nonzeros < 0.55 * by_name["student_seed0"].params
     # The fast CNN trains with lookahead; its saved pruned model is sparse too.
-    assert by_name["prune_teacher_50"].nonzeros < 0.6 * by_name["teacher"].params
+    assert by_name["prune_teacher_50_seed0"].nonzeros < 0.6 * by_name["teacher"].params
     assert by_name["student_seed0_int8"].bytes <= 0.27 * by_name["student_seed0"].bytes
     with open(os.path.join(workdir, "compression_results.md")) as f:
         table = f.read()
     assert table.count("\n") == len(rows) + 5  # 3 lines of provenance
-    assert all(0.0 <= r.accuracy <= 1.0 and r.eval_images_per_s > 0 for r in rows)
+    assert all(0.0 <= r.accuracy <= 1.0 and 0.0 <= r.test_accuracy <= 1.0
+               and r.eval_images_per_s > 0 for r in rows)
 
 
 def test_the_measured_table_in_docs_is_in_the_pipelines_format():
@@ -202,10 +215,12 @@ def test_language_model_pipeline_distils_prunes_the_mlp_and_exports_int8(tmp_pat
     rows = helpers.rnn_mocked(compress.run, config, workdir)
     by_name = {r.name: r for r in rows}
     assert list(by_name) == [
-        "teacher", "student_seed0", "distill_seed0", "prune_teacher_0",
-        "prune_teacher_50", "prune_teacher_75", "teacher_int8", "student_seed0_int8",
+        "teacher", "student_seed0", "distill_seed0", "prune_teacher_0_seed0",
+        "prune_teacher_50_seed0", "prune_teacher_75_seed0", "teacher_int8",
+        "student_seed0_int8",
         "teacher_int8_weights", "student_seed0_int8_weights"]
-    assert all(np.isnan(r.accuracy) and 0 < r.loss < np.log(11) for r in rows)
+    assert all(np.isnan(r.accuracy) and 0 < r.loss < np.log(11)
+               and 0 < r.test_loss < np.log(11) for r in rows)
 
     # Same init, data and steps: only the teacher's targets differ.
     alone = assembly.restore_variables(
@@ -218,8 +233,8 @@ def test_language_model_pipeline_distils_prunes_the_mlp_and_exports_int8(tmp_pat
     assert by_name["distill_seed0"].loss != by_name["student_seed0"].loss
 
     pruned = assembly.restore_variables(
-        config_lib.load_workdir_config(os.path.join(workdir, "prune_teacher_75")),
-        os.path.join(workdir, "prune_teacher_75")).variables["params"]
+        config_lib.load_workdir_config(os.path.join(workdir, "prune_teacher_75_seed0")),
+        os.path.join(workdir, "prune_teacher_75_seed0")).variables["params"]
     report = prune.sparsity(pruned)
     for name, level in report.items():
         if name.endswith(("fc1/kernel", "fc2/kernel")):

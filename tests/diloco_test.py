@@ -228,22 +228,65 @@ def test_wall_clock_model_charges_syncs_and_hides_delayed_ones():
     assert "| 1024 | 100 Gbit/s |" in wallclock.wall_clock_table(0.1, 8e6, latency_s=1e-4)
 
 
-def test_sweep_table_sets_each_variant_beside_the_first(tmp_path):
-    from research import runner, sweep  # pylint: disable=g-import-not-at-top
-    rows = [{"name": "sync", "step": 8, "seed": 0, "eval/accuracy": 0.5,
-             "syncs": 8.0, "bytes_per_step": 4e6, "seconds": 10.0},
-            {"name": "diloco_h4", "step": 8, "seed": 0, "eval/accuracy": 0.45,
-             "syncs": 2.0, "bytes_per_step": 1e6, "seconds": 9.0}]
-    table = runner.Runner(str(tmp_path), sweep.RESULTS, sweep.render)
-    for row in rows:
-        table.add(row)
-    lines = (tmp_path / "sweep_results.md").read_text().splitlines()
-    assert lines[-1] == "| diloco_h4 | 0 | 8 | 0.4500 (-0.0500) | 2 | 1.000 | 9 s |"
-    assert lines[0].startswith("<!-- written by: ") and "commit " in lines[1]
+def test_sweep_chooses_on_validation_then_scores_test_once(tmp_path, monkeypatch):
+    """Every variant with the first seed; the baseline and the candidates
+    with each seed; the candidate with the best mean validation score is
+    chosen (not the best single run); only the baseline and it see the test
+    split; the table shows each run beside its seed's baseline run."""
+    from research import errors, evaluate, runner, sweep, train  # pylint: disable=g-import-not-at-top
+    from research.core import config_lib  # pylint: disable=g-import-not-at-top
+    # Validation accuracy per (variant, seed): "b" has the best single run,
+    # "a" the best mean over the seeds.
+    valid = {("sync", 0): 0.50, ("sync", 1): 0.52, ("other", 0): 0.40,
+             ("a", 0): 0.55, ("a", 1): 0.55, ("b", 0): 0.70, ("b", 1): 0.30}
+    trained, tested = [], []
+
+    def fake_train(config, workdir, allow_config_change=False):
+        variant = os.path.basename(workdir).rsplit("_seed", 1)[0]
+        trained.append((variant, config.seed, config.eval_split))
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 8, "comm/syncs": 2.0,
+                                "comm/bytes_per_step": 1e6}) + "\n")
+        return {"step": 8, "eval/accuracy": valid[variant, config.seed]}
+
+    def fake_evaluate(config, workdir, step=None):
+        tested.append((os.path.basename(workdir), config.eval_split))
+        return {"eval/accuracy": 0.1 * (1 + config.seed), "step": 8}
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+    config = config_lib.load_config(
+        os.path.join(helpers.CONFIGS, "pipelines/diloco_cifar.py:smoke"))
+    with config.unlocked():
+        for name in ("other", "a", "b"):
+            config.variants[name] = {"data_parallel": {"sync_every": 4}}
+        config.order = ("sync", "other")
+        config.choose.among = ("a", "b")
+    rows = sweep.run(config, str(tmp_path))
+    assert [(v, s) for v, s, _ in trained] == [
+        ("sync", 0), ("other", 0), ("a", 0), ("b", 0), ("sync", 1), ("a", 1), ("b", 1)]
+    assert {split for _, _, split in trained} == {"train[512:768]"}
+    assert sorted(tested) == [("a_seed0", "test[:256]"), ("a_seed1", "test[:256]"),
+                              ("sync_seed0", "test[:256]"), ("sync_seed1", "test[:256]")]
     written = json.loads((tmp_path / "sweep_results.json").read_text())
-    assert written["rows"] == rows == runner.read_rows(
-        str(tmp_path / "sweep_results.json"))
+    assert written["rows"] == rows == runner.read_rows(str(tmp_path / "sweep_results.json"))
+    assert written["summary"]["chosen"] == "a"
+    assert written["summary"]["chosen_by"]["means_over_seeds"] == pytest.approx(
+        {"a": 0.55, "b": 0.50})
     assert set(written["about"]) == {"command", "commit", "machine", "date"}
+    lines = (tmp_path / "sweep_results.md").read_text().splitlines()
+    assert lines[0].startswith("<!-- written by: ") and "commit " in lines[1]
+    assert "| b | 1 | 8 | 0.3000 (-0.2200) | 2 | 1.000 |" in "\n".join(lines)
+    assert any("**a**" in line for line in lines)
+    # sync: test 0.1 and 0.2 (seeds 0, 1); a the same, so +0.0000.
+    assert any(line.startswith("| a | 0, 1 | 0.5500 ± 0.0000 | 0.1500 ± 0.0707 "
+                               "(+0.0000) |") for line in lines), lines
+    # A candidate that is the baseline, or a name no variant has, is refused.
+    with config.unlocked():
+        config.choose.among = ("a", "nope")
+    with pytest.raises(errors.UserError, match=r"\['nope'\]"):
+        sweep.run(config, str(tmp_path / "x"))
 
 
 def test_bad_options_are_named():

@@ -15,10 +15,15 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.stages = ("teacher", "student", "distill", "prune", "ptq", "qat",
                      "prune_ptq")      # which stages run (research.compress.STAGES)
-    config.seeds = (0, 1)             # student and distilled student, each seed
+    # Students, distilled students and prune.seeded_levels: one run per seed.
+    config.seeds = (0, 1, 2)
     config.data_dir = ""              # TFDS data_dir for every stage ("": default)
-    config.train_split = ""           # "" keeps each config's own split
-    config.eval_split = ""
+    # Every run trains on the first 45,000 training images and is scored on
+    # the other 5,000 (validation: where settings are chosen); the test
+    # split is scored once per row, at the end ("" keeps a config's split).
+    config.train_split = "train[:45000]"
+    config.eval_split = "train[45000:]"
+    config.test_split = "test"
     # The big model: the dense baseline, the teacher, and a model to compress.
     # The fast CNN (configs/cifar_fast.py, ~94% on the test split).
     config.teacher = ml_collections.ConfigDict({
@@ -41,12 +46,14 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.prune = ml_collections.ConfigDict({
         "models": ("student", "teacher"),  # which trained models to prune
         # Final sparsities, one run each; 0: the same fine-tuning, dense
-        # (what the pruned runs' extra epochs alone are worth).
+        # (what the pruned runs' extra epochs alone are worth: the fair
+        # baseline of every level).
         "levels": (0.0, 0.5, 0.75, 0.9, 0.95),
+        "seeded_levels": (0.0, 0.75),  # run with every seed (others: the first)
         "compose_level": 0.75,        # pruned model that prune_ptq quantizes
         "schedule": "cubic",          # gradual, from the dense weights
         "scope": "layer",             # "layer" or "global" magnitude ranking
-        "teacher_levels": (0.75, 0.9),  # the teacher's own; empty: `levels`
+        "teacher_levels": (0.0, 0.75, 0.9),  # the teacher's own; empty: `levels`
     })
     # Pruning fine-tunes each trained model from its weights; QAT too (at
     # the same rates). lr_scale multiplies the model's learning rates and
@@ -64,7 +71,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     if preset == "smoke":             # the whole pipeline in a minute or two
         config.seeds = (0,)
         config.train_split = "train[:512]"
-        config.eval_split = "test[:256]"
+        config.eval_split = "train[512:768]"
+        config.test_split = "test[:256]"
         for role in ("teacher", "student"):
             config[role].overrides.num_epochs = 1
             config[role].overrides.batch_size = 32
@@ -72,9 +80,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
             config[role].overrides.log_every_steps = 8
             config[role].overrides.checkpoint_every_steps = 16
         config.teacher.config = "configs/cifar_fast.py:smoke"
-        config.prune.teacher_levels = (0.5,)
+        config.prune.teacher_levels = (0.0, 0.5)
         config.quant.qat_models = ("teacher", "student")
-        config.prune.levels = (0.5, 0.9)
+        config.prune.levels = (0.0, 0.5, 0.9)
+        config.prune.seeded_levels = (0.0, 0.5)
         config.prune.compose_level = 0.5
         for model in ("teacher", "student"):
             config.fine_tune[model].epochs = 1

@@ -18,6 +18,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config = compress_cifar.get_config()
     config.stages = ("teacher", "student", "distill", "prune", "ptq", "ptq_weights")
     config.seeds = (0, 1)
+    # Tiny Shakespeare's own splits: runs scored on validation, test once.
+    config.train_split = config.eval_split = ""
+    config.test_split = "test"
     shared = {"num_epochs": 4, "batch_size": 32, "warmup_steps": 0,
               "warmup_fraction": 0.05, "end_learning_rate": 2e-4,
               "log_every_steps": 200, "checkpoint_every_steps": 2000,
