@@ -445,7 +445,8 @@ def render(rows: list[dict[str, Any]]) -> list[str]:
             + (f"{fmt(r.get('test_' + key, float('nan')))} | " if tested else "")
             + f"{diff(r, against)} | {against['name'] if against else '-'} | "
             f"{diff(r, base)} | "
-            f"{r['params']:,} | {r['nonzeros']:,} ({r['nonzeros'] / r['params']:.0%}) | "
+            f"{r['params']:,} | "
+            f"{r['nonzeros']:,} ({r['nonzeros'] / r['params']:.0%}) | "
             f"{r['bytes']:,} ({r['bytes'] / base['bytes']:.2f}x) | "
             f"{r['bytes_zipped']:,} ({r['bytes_zipped'] / base['bytes']:.2f}x) | "
             f"{r['eval_images_per_s']:,.0f} |")
@@ -465,8 +466,8 @@ def render(rows: list[dict[str, Any]]) -> list[str]:
                 cells.append(_mean_std([scale * score(r) for r in rs], digits))
             cells.append(_mean_std(diffs, digits, "+") if len(diffs) == len(rs)
                          else "-")
-            lines.append(f"| {group} | {', '.join(str(r.get('seed', 0)) for r in rs)} | "
-                         + " | ".join(cells) + " |")
+            seeds = ", ".join(str(r.get("seed", 0)) for r in rs)
+            lines.append(f"| {group} | {seeds} | " + " | ".join(cells) + " |")
     return lines
 
 

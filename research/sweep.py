@@ -143,7 +143,8 @@ def run(sweep: ml_collections.ConfigDict, workdir: str,
         headline = {sweep.baseline, *([chosen] if chosen else [])}
         for row in table.rows:
             if row["variant"] in headline:
-                config = configs[row["variant"], row["seed"]].copy_and_resolve_references()
+                config = configs[row["variant"], row["seed"]]
+                config = config.copy_and_resolve_references()
                 config.eval_split = sweep.test_split
                 result = evaluate.evaluate(config, table.path(row["name"]))
                 row.update({"test/" + k.removeprefix("eval/"): v
@@ -185,29 +186,35 @@ def render(sweep: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> list
                   f"**{chosen}** ({listed})."]
     tested = sorted({k for r in rows for k in r if k.startswith("test/")})
     if tested:
-        key = "test/" + sweep.choose.metric
-        key = key if key in tested else tested[0]
-        lines += ["", f"Headline (mean ± std over seeds; test scored once, "
-                  "after the choice):", "",
-                  "| variant | seeds | " + " | ".join(
-                      f"validation {m.removeprefix('eval/')}" for m in metrics)
-                  + " | " + " | ".join(
-                      f"test {m.removeprefix('test/')} (vs {sweep.baseline})"
-                      for m in tested) + f" | test {key.removeprefix('test/')} per seed |",
-                  "|---" * (3 + len(metrics) + len(tested)) + "|"]
-        for variant in [sweep.baseline, *([chosen] if chosen else [])]:
-            mine = [r for r in rows if r["variant"] == variant and tested[0] in r]
-            baseline = [r for r in rows if r["variant"] == sweep.baseline
-                        and tested[0] in r]
-            valid = " | ".join(_mean_std([r[m] for r in mine]) for m in metrics)
-            test = " | ".join(
-                _mean_std([r[m] for r in mine]) + (
-                    "" if variant == sweep.baseline else
-                    f" ({statistics.fmean(r[m] for r in mine) - statistics.fmean(r[m] for r in baseline):+.4f})")
-                for m in tested)
-            per_seed = ", ".join(f"{r[key]:.4f}" for r in mine)
-            lines.append(f"| {variant} | {', '.join(str(r['seed']) for r in mine)} | "
-                         f"{valid} | {test} | {per_seed} |")
+        lines += ["", "Headline (mean ± std over seeds; test scored once, "
+                  "after the choice):", ""] + _headline(sweep, rows, chosen,
+                                                         metrics, tested)
+    return lines
+
+
+def _headline(sweep, rows, chosen, metrics, tested) -> list[str]:
+    """The baseline and the chosen variant over seeds: validation, test
+    (the chosen one's difference of means to the baseline's), test per seed."""
+    key = "test/" + sweep.choose.metric
+    key = key if key in tested else tested[0]
+    name = lambda m: m.split("/", 1)[1]  # noqa: E731
+    lines = ["| variant | seeds | "
+             + " | ".join(f"validation {name(m)}" for m in metrics) + " | "
+             + " | ".join(f"test {name(m)} (vs {sweep.baseline})" for m in tested)
+             + f" | test {name(key)} per seed |",
+             "|---" * (3 + len(metrics) + len(tested)) + "|"]
+    runs = {v: [r for r in rows if r["variant"] == v and key in r]
+            for v in (sweep.baseline, chosen) if v}
+    for variant, mine in runs.items():
+        cells = [_mean_std([r[m] for r in mine]) for m in metrics]
+        for m in tested:
+            mean = statistics.fmean(r[m] for r in mine)
+            vs = mean - statistics.fmean(r[m] for r in runs[sweep.baseline])
+            cells.append(_mean_std([r[m] for r in mine])
+                         + ("" if variant == sweep.baseline else f" ({vs:+.4f})"))
+        cells.append(", ".join(f"{r[key]:.4f}" for r in mine))
+        seeds = ", ".join(str(r["seed"]) for r in mine)
+        lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + " |")
     return lines
 
 

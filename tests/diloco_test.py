@@ -267,10 +267,11 @@ def test_sweep_chooses_on_validation_then_scores_test_once(tmp_path, monkeypatch
     assert [(v, s) for v, s, _ in trained] == [
         ("sync", 0), ("other", 0), ("a", 0), ("b", 0), ("sync", 1), ("a", 1), ("b", 1)]
     assert {split for _, _, split in trained} == {"train[512:768]"}
-    assert sorted(tested) == [("a_seed0", "test[:256]"), ("a_seed1", "test[:256]"),
-                              ("sync_seed0", "test[:256]"), ("sync_seed1", "test[:256]")]
+    assert sorted(tested) == [(f"{v}_seed{s}", "test[:256]")
+                              for v in ("a", "sync") for s in (0, 1)]
+    path = str(tmp_path / "sweep_results.json")
     written = json.loads((tmp_path / "sweep_results.json").read_text())
-    assert written["rows"] == rows == runner.read_rows(str(tmp_path / "sweep_results.json"))
+    assert written["rows"] == rows == runner.read_rows(path)
     assert written["summary"]["chosen"] == "a"
     assert written["summary"]["chosen_by"]["means_over_seeds"] == pytest.approx(
         {"a": 0.55, "b": 0.50})
