@@ -10,6 +10,8 @@ import dataclasses
 import functools
 from typing import Any, NamedTuple
 
+import flax
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -178,24 +180,50 @@ class RestoredModel(NamedTuple):
 
 
 def restore_variables(config: ml_collections.ConfigDict, workdir: str,
-                      step: int | None = None, mesh: jax.sharding.Mesh | None = None
-                      ) -> RestoredModel:
+                      step: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                      layout: bool = False) -> RestoredModel:
     """The model variables saved in `workdir` at `step` (default: the latest).
 
     One call for evaluation, sampling and distillation teachers: it reads the
     checkpoint's `model` item only (the evaluation variables: the EMA where
     the run kept one) and builds no optimizer and reads no data. The
     variables are replicated over `mesh` (default: all devices), whatever the
-    device count or scheme the checkpoint was written with.
+    device count or scheme the checkpoint was written with. With `layout`
+    (inference: sampling), a scheme that splits the parameters (FSDP,
+    tensor parallelism) has them split as it trains them, over `mesh`
+    (default: the scheme's); one that replicates them, on one device.
     """
     dataset = input_pipeline.get_dataset(config.dataset)
     model = models.create_model(config.model, **config.model_kwargs)
-    abstract = jax.eval_shape(functools.partial(
-        state_lib.init_variables, model=model,
-        input_shape=(1,) + dataset.input_shape(config),
-        input_dtype=dataset.input_dtype), jax.random.key(0))
-    mesh = mesh or mesh_lib.create_mesh(config.num_devices)  # any: the model alone
-    variables, info, step = checkpointing.restore_model(
-        workdir, checkpointing.with_sharding(abstract, mesh_lib.replicated(mesh)),
-        step)
+    inputs = jnp.zeros((1,) + dataset.input_shape(config), dataset.input_dtype)
+    boxed = jax.eval_shape(lambda: dict(model.init(jax.random.key(0), inputs,
+                                                   train=False)))
+    abstract = nn.meta.unbox(boxed)
+    if layout:
+        scheme = create_scheme(config)
+        mesh = mesh or scheme.create_mesh(config.num_devices)
+        shaped = _Variables(params=abstract["params"], rest={
+            k: v for k, v in abstract.items() if k != "params"})
+        prefix = scheme.state_shardings(
+            shaped, nn.get_partition_spec(boxed)["params"], mesh)
+        target = jax.tree.map(lambda s, subtree: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), subtree),
+            prefix, shaped)
+        target = {"params": target.params, **target.rest}
+        if all(x.sharding.is_fully_replicated for x in jax.tree.leaves(target)):
+            mesh = mesh_lib.create_mesh(1)  # copies would only repeat the work
+            target = checkpointing.with_sharding(abstract, mesh_lib.replicated(mesh))
+    else:
+        mesh = mesh or mesh_lib.create_mesh(config.num_devices)  # any: the model
+        target = checkpointing.with_sharding(abstract, mesh_lib.replicated(mesh))
+    variables, info, step = checkpointing.restore_model(workdir, target, step)
     return RestoredModel(variables, step, info, model)
+
+
+@flax.struct.dataclass
+class _Variables:
+    """Model variables as `Scheme.state_shardings` reads a train state: the
+    `params` (laid out by their logical names) and the rest."""
+    params: PyTree
+    rest: PyTree
+

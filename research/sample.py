@@ -15,7 +15,6 @@ from jax import lax
 from research import errors
 from research import assembly
 from research.data import input_pipeline
-from research import mesh as mesh_lib
 from research import timing
 
 
@@ -124,7 +123,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str,
             or not 0 < top_p <= 1):
         raise errors.UserError("config.sample needs temperature >= 0, top_k >= 0, "
                                "0 < top_p <= 1 and length >= 1.")
-    model, variables, step, vocab = _restore(config, workdir, step)
+    model, variables, step, vocab, mesh, trace = _restore(config, workdir, step)
     if options.top_k > len(vocab):
         raise errors.UserError(
             f"config.sample.top_k={options.top_k} but the model knows only "
@@ -140,10 +139,11 @@ def sample(config: ml_collections.ConfigDict, workdir: str,
             f"The prompt ({len(prompt)} characters) and config.sample.length="
             f"{options.length} exceed the model's context of {context}; shorten "
             "them.")
-    tokens = jax.jit(functools.partial(
+    decode = jax.jit(trace(functools.partial(
         generate, model, length=options.length, temperature=options.temperature,
-        top_k=options.top_k, top_p=top_p))(variables, jnp.asarray(prompt),
-                                           jax.random.key(options.seed))
+        top_k=options.top_k, top_p=top_p)))
+    with jax.set_mesh(mesh):
+        tokens = decode(variables, jnp.asarray(prompt), jax.random.key(options.seed))
     text = options.prompt + "".join(vocab[i] for i in jax.device_get(tokens))
     logging.info("Sampled %d characters from the step-%d checkpoint.",
                  options.length, step)
@@ -151,7 +151,12 @@ def sample(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: str, step: int | None):
-    """The checkpoint's module, variables, step and vocabulary."""
-    restored = assembly.restore_variables(config, workdir, step,
-                                          mesh_lib.create_mesh(1))
-    return restored.model, restored.variables, restored.step, restored.info["vocab"]
+    """The checkpoint's module, variables, step and vocabulary, and the mesh
+    and tracing to decode with: a run whose scheme splits the parameters
+    samples with them split the same way and its activations laid out by
+    the same rules (`Scheme.trace`); any other on one device."""
+    restored = assembly.restore_variables(config, workdir, step, layout=True)
+    mesh = jax.tree.leaves(restored.variables)[0].sharding.mesh
+    trace = assembly.create_scheme(config).trace if mesh.size > 1 else (lambda f: f)
+    return (restored.model, restored.variables, restored.step,
+            restored.info["vocab"], mesh, trace)

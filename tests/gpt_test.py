@@ -170,6 +170,26 @@ def _worker(workdir: str) -> dict:
         reference = one_params if against == "one" else straight[against]
         out[f"resume_{name}"] = helpers.max_diff(params, reference)
     out["memory_limit"] = _memory_limit(workdir)
+    out["sampling"] = _sampling(os.path.join(workdir, "2x2x2"))
+    return out
+
+
+def _sampling(workdir: str) -> dict:
+    """Greedy and nucleus sampling of the (2, 2, 2) run: sharded as it
+    trained (the weights stay split), and on one device."""
+    from research import assembly, sample  # pylint: disable=g-import-not-at-top
+    out = {}
+    for name, overrides in (("2x2x2", sharded(2, 2, 2)),
+                            ("one", {"num_devices": 1})):
+        for temperature in (0.0, 1.0):
+            config = gpt_config(**overrides, **{"sample.temperature": temperature,
+                                                "sample.top_p": 0.9})
+            out[f"{name}_t{temperature:g}"] = helpers.rnn_mocked(
+                sample.sample, config, workdir)
+        restored = assembly.restore_variables(config, workdir, layout=True)
+        kernel = restored.variables["params"]["block0"]["fc1"]["kernel"]
+        out[f"{name}_fc1_shard"] = list(kernel.addressable_shards[0].data.shape)
+        out[f"{name}_devices"] = len(kernel.sharding.device_set)
     return out
 
 
@@ -263,6 +283,18 @@ def test_checkpoints_resume_on_other_mesh_shapes(eight_devices):
     assert eight_devices["resume_8_to_1"] < RELATIVE, eight_devices
     assert eight_devices["resume_1_to_8"] < RELATIVE, eight_devices
     assert eight_devices["resume_same"] == 0.0, eight_devices  # bitwise
+
+
+@pytest.mark.slow
+def test_sampling_runs_sharded_like_training(eight_devices):
+    """A (2, 2, 2) run samples with its weights split as in training, and
+    the text equals sampling on one device (greedy, and with a seed)."""
+    found = eight_devices["sampling"]
+    assert found["2x2x2_fc1_shard"] == [16, 64] and found["2x2x2_devices"] == 8
+    assert found["one_fc1_shard"] == [32, 128] and found["one_devices"] == 1
+    for t in ("0", "1"):
+        assert found[f"2x2x2_t{t}"] == found[f"one_t{t}"], found
+        assert found[f"one_t{t}"].startswith("abc") and len(found[f"one_t{t}"]) == 11
 
 
 # research.main on mocked text (as `helpers.rnn_mocked`), for the kill test.
