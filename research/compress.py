@@ -290,6 +290,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     p = Pipeline(config, workdir, allow_config_change)
     stages = set(config.stages)
     seeds = tuple(config.seeds)
+    p.table.about["seeds"] = list(seeds)
     configs = {}
     if stages & {"teacher", "distill", "prune", "ptq", "ptq_weights", "qat",
                  "prune_ptq"}:

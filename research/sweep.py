@@ -123,6 +123,7 @@ def run(sweep: ml_collections.ConfigDict, workdir: str,
     configs = {(n, s): variant_config(sweep, n, s) for n, s in runs}  # checked first
     table = runner.Runner(workdir, RESULTS, functools.partial(render, sweep),
                           allow_config_change)
+    table.about["seeds"] = list(sweep.seeds)
     for name, seed in runs:
         start = time.perf_counter()
         result = table.train(run_name(name, seed), configs[name, seed])

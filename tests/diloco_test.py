@@ -272,10 +272,10 @@ def test_sweep_chooses_on_validation_then_scores_test_once(tmp_path, monkeypatch
     path = str(tmp_path / "sweep_results.json")
     written = json.loads((tmp_path / "sweep_results.json").read_text())
     assert written["rows"] == rows == runner.read_rows(path)
-    assert written["summary"]["chosen"] == "a"
+    assert written["summary"]["chosen"] == "a" and written["about"]["seeds"] == [0, 1]
     assert written["summary"]["chosen_by"]["means_over_seeds"] == pytest.approx(
         {"a": 0.55, "b": 0.50})
-    assert set(written["about"]) == {"command", "commit", "machine", "date"}
+    assert set(written["about"]) == {"command", "commit", "machine", "date", "seeds"}
     lines = (tmp_path / "sweep_results.md").read_text().splitlines()
     assert lines[0].startswith("<!-- written by: ") and "commit " in lines[1]
     assert "| b | 1 | 8 | 0.3000 (-0.2200) | 2 | 1.000 |" in "\n".join(lines)
