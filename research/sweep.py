@@ -55,7 +55,7 @@ def variant_config(sweep: ml_collections.ConfigDict, name: str,
 
 def check(sweep: ml_collections.ConfigDict) -> None:
     """Names and seeds, before any compute; raises UserError."""
-    names = [*sweep.order, sweep.baseline, *sweep.choose.among]
+    names = [*sweep.order, sweep.baseline, *sweep.choose.among, *_seeded(sweep)]
     unknown = sorted(set(names) - set(sweep.variants))
     if unknown:
         raise errors.UserError(f"The sweep names variants {unknown} that "
@@ -69,15 +69,19 @@ def check(sweep: ml_collections.ConfigDict) -> None:
                                "not chosen among them.")
 
 
+def _seeded(sweep: ml_collections.ConfigDict) -> list[str]:
+    """The variants that run with every seed: the baseline, the candidates
+    and `seeded` (in that order, once each)."""
+    names = [sweep.baseline, *sweep.choose.among, *sweep.get("seeded", ())]
+    return list(dict.fromkeys(names))
+
+
 def plan(sweep: ml_collections.ConfigDict) -> list[tuple[str, int]]:
     """(variant, seed) in run order: every variant with the first seed (the
-    table's order), then the baseline and the candidates with the others."""
+    table's order), then the seeded variants with the others."""
     first = list(sweep.order) or sorted(sweep.variants)
-    for name in (sweep.baseline, *sweep.choose.among):
-        if name not in first:
-            first.append(name)
-    more = [(name, seed) for name in (sweep.baseline, *sweep.choose.among)
-            for seed in sweep.seeds[1:]]
+    first += [name for name in _seeded(sweep) if name not in first]
+    more = [(name, seed) for name in _seeded(sweep) for seed in sweep.seeds[1:]]
     return [(name, sweep.seeds[0]) for name in first] + more
 
 
@@ -163,11 +167,13 @@ def _mean_std(values: list[float]) -> str:
 
 def render(sweep: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> list[str]:
     """Markdown: every run beside the baseline's run of its seed; the choice;
-    the headline rows (mean ± sample standard deviation over seeds)."""
+    the variants run with several seeds (mean ± sample standard deviation)."""
     metrics = [k for k in rows[0] if k.startswith("eval/")]
     base = {r["seed"]: r for r in rows if r["variant"] == sweep.baseline}
     head = " | ".join(m.removeprefix("eval/") for m in metrics)
-    lines = [f"Every run (validation split; in brackets: minus the "
+    split = "the validation split" if any(
+        k.startswith("test/") for r in rows for k in r) else "the evaluation split"
+    lines = [f"Every run ({split}; in brackets: minus the "
              f"{sweep.baseline} run of the same seed):", "",
              f"| variant | seed | steps | {head} | syncs | MB sent per step | "
              "train + eval time |", "|---" * (6 + len(metrics)) + "|"]
@@ -186,34 +192,47 @@ def render(sweep: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> list
                   f"{'higher' if sweep.choose.higher else 'lower'} is better): "
                   f"**{chosen}** ({listed})."]
     tested = sorted({k for r in rows for k in r if k.startswith("test/")})
-    if tested:
-        lines += ["", "Headline (mean ± std over seeds; test scored once, "
-                  "after the choice):", ""] + _headline(sweep, rows, chosen,
-                                                         metrics, tested)
+    if len({r["seed"] for r in rows}) > 1:
+        lines += ["", "Over seeds (mean ± sample std"
+                  + ("; the test split scored once, after the choice, for the "
+                     "baseline and the chosen variant" if tested else "") + "):", ""]
+        lines += _over_seeds(sweep, rows, metrics, tested)
     return lines
 
 
-def _headline(sweep, rows, chosen, metrics, tested) -> list[str]:
-    """The baseline and the chosen variant over seeds: validation, test
-    (the chosen one's difference of means to the baseline's), test per seed."""
-    key = "test/" + sweep.choose.metric
-    key = key if key in tested else tested[0]
+def _over_seeds(sweep, rows, metrics, tested) -> list[str]:
+    """Every variant run with several seeds: its evaluation metrics, test
+    metrics where scored (the difference of means to the baseline's), and
+    the main metric per seed."""
+    main = sweep.choose.metric if f"eval/{sweep.choose.metric}" in metrics else (
+        metrics[0].split("/", 1)[1])
+    keys = [f"eval/{main}"] + [f"test/{main}"] * (f"test/{main}" in tested)
     name = lambda m: m.split("/", 1)[1]  # noqa: E731
+    split = "validation" if tested else "eval"
     lines = ["| variant | seeds | "
-             + " | ".join(f"validation {name(m)}" for m in metrics) + " | "
-             + " | ".join(f"test {name(m)} (vs {sweep.baseline})" for m in tested)
-             + f" | test {name(key)} per seed |",
-             "|---" * (3 + len(metrics) + len(tested)) + "|"]
-    runs = {v: [r for r in rows if r["variant"] == v and key in r]
-            for v in (sweep.baseline, chosen) if v}
+             + " | ".join(f"{split} {name(m)}" for m in metrics)
+             + "".join(f" | test {name(m)} (vs {sweep.baseline})" for m in tested)
+             + "".join(f" | {split if k.startswith('eval') else 'test'} {main} "
+                       "per seed" for k in keys) + " |",
+             "|---" * (2 + len(metrics) + len(tested) + len(keys)) + "|"]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        runs.setdefault(r["variant"], []).append(r)
     for variant, mine in runs.items():
+        if len(mine) < 2:
+            continue
         cells = [_mean_std([r[m] for r in mine]) for m in metrics]
         for m in tested:
-            mean = statistics.fmean(r[m] for r in mine)
-            vs = mean - statistics.fmean(r[m] for r in runs[sweep.baseline])
+            if not all(m in r for r in mine):
+                cells.append("-")
+                continue
+            vs = statistics.fmean(r[m] for r in mine) - statistics.fmean(
+                r[m] for r in runs[sweep.baseline])
             cells.append(_mean_std([r[m] for r in mine])
                          + ("" if variant == sweep.baseline else f" ({vs:+.4f})"))
-        cells.append(", ".join(f"{r[key]:.4f}" for r in mine))
+        for k in keys:
+            cells.append(", ".join(f"{r[k]:.4f}" for r in mine) if all(
+                k in r for r in mine) else "-")
         seeds = ", ".join(str(r["seed"]) for r in mine)
         lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + " |")
     return lines

@@ -21,11 +21,11 @@ PRESETS = {"cifar_cnn.py": ["", "smoke"], "cifar_convnet.py": ["", "smoke"],
            "shakespeare_rnn.py": ["", "cpu", "smoke"],
            "cifar_fast.py": ["", "gpu", "cpu", "smoke"],
            "compress_cifar.py": ["", "smoke"], "diloco_cifar.py": ["", "smoke"],
-           "diloco_lstm.py": ["", "smoke"],
+           "diloco_lstm.py": ["", "smoke"], "lenet_seeds.py": ["", "smoke"],
            "scaling_shakespeare.py": ["", "cpu", "gpu", "smoke"],
            "compress_gpt.py": ["", "smoke"]}
 PIPELINES = {"compress_cifar.py", "compress_gpt.py"}  # research.compress configs
-SWEEPS = {"diloco_cifar.py", "diloco_lstm.py"}  # research.sweep configs
+SWEEPS = {"diloco_cifar.py", "diloco_lstm.py", "lenet_seeds.py"}  # research.sweep
 GRIDS = {"scaling_shakespeare.py"}  # research.scaling configs
 
 
@@ -50,7 +50,7 @@ def test_every_config_and_preset_loads_and_validates(path):
             compress.check(config)
         elif os.path.basename(path) in SWEEPS:
             from research import sweep  # pylint: disable=g-import-not-at-top
-            assert set(config.order) <= set(config.variants), config.order
+            sweep.check(config)
             for name in config.variants:
                 assembly.validate(sweep.variant_config(config, name))
         elif os.path.basename(path) in GRIDS:

@@ -281,8 +281,10 @@ def test_sweep_chooses_on_validation_then_scores_test_once(tmp_path, monkeypatch
     assert "| b | 1 | 8 | 0.3000 (-0.2200) | 2 | 1.000 |" in "\n".join(lines)
     assert any("**a**" in line for line in lines)
     # sync: test 0.1 and 0.2 (seeds 0, 1); a the same, so +0.0000.
-    assert any(line.startswith("| a | 0, 1 | 0.5500 ± 0.0000 | 0.1500 ± 0.0707 "
-                               "(+0.0000) |") for line in lines), lines
+    assert "| a | 0, 1 | 0.5500 ± 0.0000 | 0.1500 ± 0.0707 (+0.0000) | " \
+        "0.5500, 0.5500 | 0.1000, 0.2000 |" in lines, lines
+    # A candidate not chosen: no test score.
+    assert "| b | 0, 1 | 0.5000 ± 0.2828 | - | 0.7000, 0.3000 | - |" in lines, lines
     # A candidate that is the baseline, or a name no variant has, is refused.
     with config.unlocked():
         config.choose.among = ("a", "nope")
