@@ -241,7 +241,7 @@ _NEED_KERNELS = pytest.mark.skipif(
 @pytest.mark.parametrize("batch,time,hidden", [(3, 5, 32), (8, 7, 64), (13, 4, 96),
                                                (2, 1, 32), (64, 6, 128)])
 def test_lstm_kernel_equals_the_scan(batch, time, hidden):
-    """The C++ time loops (forward and backward) against lax.scan: outputs,
+    """The C++ time loops (inference, forward and backward) against lax.scan: outputs,
     final carry and all four gradients, with row remainders (3, 13), an odd
     number of 32-unit panels (96) and a single step."""
     rng = np.random.default_rng(batch * 100 + hidden)
@@ -264,6 +264,12 @@ def test_lstm_kernel_equals_the_scan(batch, time, hidden):
                          jax.tree.leaves(results["xla"])):
         scale = float(jnp.max(jnp.abs(want)))
         assert float(jnp.max(jnp.abs(got - want))) <= 2e-6 * scale
+    # Evaluation runs the inference kernel, training the forward that keeps
+    # activations: the same arithmetic, so the same bits.
+    run = functools.partial(fused_lstm.lstm_sequence, impl="kernel")
+    trained = jax.jit(lambda *a: jax.vjp(run, *a)[0])(gates_x, w_hh, c0, h0)
+    for got, want in zip(jax.tree.leaves(results["kernel"][0]), jax.tree.leaves(trained)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_hash_dropout_keeps_the_right_fraction_and_is_seeded():

@@ -24,7 +24,8 @@ _TARGETS = {"research_conv_fwd": "ResearchConvFwd",
             "research_bias_relu_pool": "ResearchBiasReluPool",
             "research_bias_relu_pool_grad": "ResearchBiasReluPoolGrad",
             "research_lstm_fwd": "ResearchLstmFwd",
-            "research_lstm_bwd": "ResearchLstmBwd"}
+            "research_lstm_bwd": "ResearchLstmBwd",
+            "research_lstm_infer": "ResearchLstmInfer"}
 IMPLS = ("auto", "kernel", "xla")
 _forced_xla = [False]  # set by `xla_only()`
 

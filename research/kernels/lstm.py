@@ -2,7 +2,8 @@
 
 XLA:CPU's per-iteration costs kept `lax.scan` at 0.75x PyTorch: the forward
 kernel runs `z_t = gates_x[t] + h_{t-1} W_hh`, the gates, c and h for every
-step in one call, the backward kernel `dz_t` and `dh_{t-1} = dz_t W_hh^T`.
+step in one call, the backward kernel `dz_t` and `dh_{t-1} = dz_t W_hh^T`;
+evaluation and sampling run an inference kernel that keeps no activations.
 The recurrent weight gradient stays one large matmul in XLA. Batch-major, so
 no transposes around the calls; each device runs its own rows.
 """
@@ -39,7 +40,14 @@ def _kernel_forward(gates_x, w_hh, c0, h0):
 
 @jax.custom_vjp
 def _kernel_sequence(gates_x, w_hh, c0, h0):
-    return _kernel_forward(gates_x, w_hh, c0, h0)[0]
+    # Without differentiation (evaluation, sampling) JAX runs this, not the
+    # forward rule: the inference kernel keeps nothing for a backward pass.
+    b, t, _ = gates_x.shape
+    states = jax.ShapeDtypeStruct((b, t, w_hh.shape[0]), jnp.float32)
+    hs, c = jax.ffi.ffi_call(
+        "research_lstm_infer", (states, jax.ShapeDtypeStruct(c0.shape, jnp.float32)),
+        vmap_method="sequential")(gates_x, w_hh, c0, h0)
+    return hs, (c, hs[:, -1])
 
 
 def _kernel_backward(residuals, cotangents):

@@ -4,7 +4,8 @@
 // matmul and the gate math per step) with fixed per-iteration costs that left
 // the LSTM at 0.75x PyTorch. Here the whole loop is one call:
 //   research_lstm_fwd: z_t = gates_x[t] + h_{t-1} W_hh, the gates, c_t, h_t;
-//   research_lstm_bwd: the gate gradients dz_t and dh_{t-1} = dz_t W_hh^T.
+//   research_lstm_bwd: the gate gradients dz_t and dh_{t-1} = dz_t W_hh^T;
+//   research_lstm_infer: the forward without what the backward reads.
 // (The recurrent weight gradient, sum_t h_{t-1}^T dz_t, stays one big matmul
 // in XLA.) The matmuls use W packed once per call into 32-column panels and
 // an 8 x 32 register-blocked micro-kernel. Two threads split the hidden units
@@ -227,6 +228,55 @@ ffi::Error LstmFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates_x,
   return ffi::Error::Success();
 }
 
+// Inference (no gradient will be taken): hs [B, T, H] and the final c
+// [B, H] only. A step's gates live in a [B, 4H] buffer and the cell state in
+// place, so it writes a sixth of what the training forward writes (cs, the
+// activated gates, a copy of gates_x).
+ffi::Error LstmInferImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates_x,
+                         ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> c0,
+                         ffi::Buffer<ffi::F32> h0, ffi::ResultBuffer<ffi::F32> hs,
+                         ffi::ResultBuffer<ffi::F32> c_last) {
+  Sizes s;
+  if (auto e = CheckSizes(gates_x.dimensions(), w_hh.dimensions(), &s); e.failure()) {
+    return e;
+  }
+  const int64_t T = s.T, B = s.B, H = s.H, G = 4 * H;
+  const std::vector<float> packed = Pack(w_hh.typed_data(), H, G);
+  std::vector<float> z(B * G);
+  const float* gx = gates_x.typed_data();
+  float* h_out = hs->typed_data();
+  float* c = c_last->typed_data();  // the running cell state, c_T at the end
+  std::memcpy(c, c0.typed_data(), sizeof(float) * B * H);
+  RunTeam(pool, H / kPanel, [&](int t, int n, Barrier& barrier) {
+    int64_t u0, u1;
+    UnitRange(s, t, n, &u0, &u1);
+    for (int64_t step = 0; step < T; ++step) {
+      const float* h_prev = step ? h_out + (step - 1) * H : h0.typed_data();
+      const int64_t ld_prev = step ? T * H : H;
+      for (int64_t b = 0; b < B; ++b)  // this thread's columns of z_t = gates_x[t]
+        for (int64_t gate = 0; gate < 4; ++gate)
+          std::memcpy(&z[b * G + gate * H + u0], gx + (b * T + step) * G + gate * H + u0,
+                      sizeof(float) * (u1 - u0));
+      for (int64_t gate = 0; gate < 4; ++gate)
+        for (int64_t u = u0; u < u1; u += kPanel)
+          PanelGemm(h_prev, ld_prev, packed.data(), (gate * H + u) / kPanel, H,
+                    z.data(), G, B);
+      for (int64_t b = 0; b < B; ++b) {
+        const float* zr = z.data() + b * G;
+        for (int64_t u = u0; u < u1; u += 16) {
+          const V i = Sigmoid(Load(zr + u)), f = Sigmoid(Load(zr + H + u));
+          const V g = Tanh(Load(zr + 2 * H + u)), o = Sigmoid(Load(zr + 3 * H + u));
+          const V cv = f * Load(c + b * H + u) + i * g;
+          Store(c + b * H + u, cv);
+          Store(h_out + (b * T + step) * H + u, o * Tanh(cv));
+        }
+      }
+      barrier.Wait();  // h_t is whole before any thread's next matmul
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // Inputs: d_hs [B, T, H], dc_T, dh_T [B, H], cs [B, T, H], c0 [B, H],
 // acts [B, T, 4H], w_hh [H, 4H]. Outputs: dz [B, T, 4H], dc0, dh0 [B, H].
 ffi::Error LstmBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d_hs,
@@ -299,6 +349,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResearchLstmFwd, LstmFwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResearchLstmInfer, LstmInferImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
