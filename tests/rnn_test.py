@@ -268,7 +268,8 @@ def test_lstm_kernel_equals_the_scan(batch, time, hidden):
     # activations: the same arithmetic, so the same bits.
     run = functools.partial(fused_lstm.lstm_sequence, impl="kernel")
     trained = jax.jit(lambda *a: jax.vjp(run, *a)[0])(gates_x, w_hh, c0, h0)
-    for got, want in zip(jax.tree.leaves(results["kernel"][0]), jax.tree.leaves(trained)):
+    for got, want in zip(jax.tree.leaves(results["kernel"][0]),
+                         jax.tree.leaves(trained)):
         np.testing.assert_array_equal(got, want)
 
 
