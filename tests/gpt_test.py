@@ -92,6 +92,26 @@ def test_gpt_trains_evaluates_and_samples(tmp_path):
     assert set(text) <= set(" abcdefghij")
 
 
+def test_window_jitter_trains_and_resumes_bitwise(tmp_path):
+    """Random window offsets (text rows wider by `window_jitter`): a run
+    stopped after a checkpoint and resumed equals the straight run, and the
+    cuts are not the fixed windows."""
+    from research import train  # pylint: disable=g-import-not-at-top
+    config = gpt_config(num_epochs=2, window_jitter=4, checkpoint_every_steps=4)
+    straight = str(tmp_path / "straight")
+    helpers.rnn_mocked(train.train_and_evaluate, config, straight)
+    stopped = str(tmp_path / "stopped")
+    helpers.rnn_mocked(train.train_and_evaluate, config, stopped, stop_after_step=4)
+    result = helpers.rnn_mocked(train.train_and_evaluate, config, stopped)
+    assert np.isfinite(result["eval/loss"])
+    helpers.assert_trees_equal(helpers.final_params(config, straight),
+                               helpers.final_params(config, stopped))
+    fixed = str(tmp_path / "fixed")
+    helpers.rnn_mocked(train.train_and_evaluate, gpt_config(num_epochs=2), fixed)
+    assert helpers.max_diff(helpers.final_params(config, straight),
+                            helpers.final_params(config, fixed)) > 1e-4
+
+
 def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
     from research import train  # pylint: disable=g-import-not-at-top
     config = gpt_config(num_epochs=1, **{"model_kwargs.dtype": "bfloat16"})

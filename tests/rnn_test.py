@@ -183,6 +183,30 @@ def test_windows_and_streams_cover_the_text():
     assert windows["tokens"].shape == (3, 6)
 
 
+def test_window_jitter_cuts_each_row_at_a_keyed_random_place():
+    """Rows of seq_len + 1 + jitter characters; each step cuts a contiguous
+    window of seq_len + 1 from each, the same for the same (key, step,
+    example) and elsewhere on other steps."""
+    from research.core import augment  # pylint: disable=g-import-not-at-top
+    dataset = input_pipeline.get_dataset("tiny_shakespeare")
+    config = config_lib.load_config(CONFIG, {"seq_len": 4, "window_jitter": 3})
+    rows = np.arange(40, dtype=np.int32)[np.arange(6)[:, None] * 4 + np.arange(8)]
+    batch = {"tokens": jnp.asarray(rows), "index": jnp.arange(6, dtype=jnp.int32)}
+    key = jax.random.key(0)
+    cut = [np.asarray(augment.crop_windows(batch, key, jnp.int32(step), 0,
+                                           length=5)["tokens"]) for step in range(8)]
+    starts = np.stack([c[:, 0] - rows[:, 0] for c in cut])  # [step, example]
+    assert all((c == c[:, :1] + np.arange(5)).all() for c in cut)  # contiguous
+    assert starts.min() == 0 and starts.max() == 3  # every start in [0, jitter]
+    assert len(set(starts.ravel().tolist())) == 4
+    np.testing.assert_array_equal(cut[2], augment.crop_windows(
+        batch, key, jnp.int32(2), 0, length=5)["tokens"])
+    from research import assembly  # pylint: disable=g-import-not-at-top
+    with pytest.raises(errors.UserError, match="window_jitter=-1"):
+        assembly.validate(config_lib.load_config(CONFIG, {"window_jitter": -1}))
+    assert dataset.input_shape(config) == (4,)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("rnn"))

@@ -1,4 +1,4 @@
-"""On-device, keyed image augmentation and test-time views.
+"""On-device, keyed augmentation (images; text windows) and test-time views.
 
 Training augmentation runs inside the jitted step, after the dataset's
 preprocessing. Every example gets its own key, derived from the run's
@@ -100,6 +100,23 @@ def augment_batch(batch: Batch, key: jax.Array, step: jax.Array, epoch: jax.Arra
         return image
 
     return {**batch, "image": jax.vmap(one)(batch["image"], batch["index"])}
+
+
+def crop_windows(batch: Batch, key: jax.Array, step: jax.Array, epoch: jax.Array,
+                 *, length: int) -> Batch:
+    """Cuts `length` tokens at a random start out of each row of
+    `batch["tokens"]` [batch, length + jitter] (text rows are stored with
+    `jitter` characters more than a window): every epoch sees the text cut
+    at other places. Keyed by (run, step, example) like the images."""
+    del epoch
+    step_root = jax.random.fold_in(jax.random.split(key)[0], step)
+
+    def one(tokens, index):
+        start = jax.random.randint(jax.random.fold_in(step_root, index), (), 0,
+                                   tokens.shape[0] - length + 1)
+        return jax.lax.dynamic_slice(tokens, (start,), (length,))
+
+    return {**batch, "tokens": jax.vmap(one)(batch["tokens"], batch["index"])}
 
 
 def _shift(images: jax.Array, dy: int, dx: int) -> jax.Array:

@@ -141,7 +141,12 @@ class Experiment:
         """How the steps turn rows into batches and score them (`final`: with
         the last evaluation's test-time augmentation)."""
         options = self.config.augment if "augment" in self.config else None
-        train_augment = None if augment.is_identity(options) else options
+        train_augment = None
+        if not augment.is_identity(options):
+            train_augment = functools.partial(augment.augment_batch, options=options)
+        elif self.config.get("window_jitter"):
+            train_augment = functools.partial(augment.crop_windows,
+                                              length=self.config.seq_len + 1)
         return steps.Pipeline(
             objective=self.objective, preprocess_fn=self.dataset.preprocess,
             augment=train_augment if train else None,

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from clu import metrics as clu_metrics
 from jax import lax
 
-from research.core import augment
 from research.core import state as state_lib
 
 Batch = dict[str, jax.Array]
@@ -26,7 +25,8 @@ class Pipeline:
     Attributes:
       objective: model input, loss and metrics (`objectives.Objective`).
       preprocess_fn: maps raw rows (e.g. uint8 images) to model inputs.
-      augment: `config.augment` for keyed training augmentation, or None.
+      augment: keyed training augmentation, `(batch, key, step, epoch) ->
+        batch` (`augment.augment_batch` or `crop_windows`), or None.
       views: test-time views and their weights: evaluation scores the
         weighted mean of their logits (`augment.EVAL_VIEWS`).
       batch_sharding: how a batch is split over devices.
@@ -146,9 +146,8 @@ def train_chunk(carry: Carry, inputs: PyTree, keys: PyTree, aux: PyTree, *,
         step = state.step
         batch = batch_fn(inputs, i, step, pipeline)
         if pipeline.augment is not None:
-            batch = augment.augment_batch(batch, keys["augment"], step,
-                                          step // steps_per_epoch,
-                                          options=pipeline.augment)
+            batch = pipeline.augment(batch, keys["augment"], step,
+                                     step // steps_per_epoch)
         state, metrics, loss = step_fn(state, batch, keys["dropout"], aux,
                                        constrain=pipeline.constrain)
         bad_step = jnp.where((bad_step < 0) & ~jnp.isfinite(loss), step, bad_step)

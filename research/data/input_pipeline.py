@@ -202,7 +202,9 @@ class CharacterText:
 
     The vocabulary is the sorted characters of the training split. Training
     examples are the text cut into windows of `config.seq_len + 1` characters
-    (stride `seq_len`, so every character is a target once an epoch); the
+    (stride `seq_len`, so every character is a target once an epoch; with
+    `config.window_jitter`, rows that many characters longer, from which
+    every step cuts a window at a random place); the
     evaluation split is cut into `config.eval_batch_size` contiguous streams,
     each read whole with the carry passed along, and every character after
     the first is scored once (or, with `config.eval_windows`, cut into windows
@@ -234,13 +236,16 @@ class CharacterText:
         """Windows of `seq_len + 1` characters, one row each. The text is a
         single TFDS record, so every process reads it and keeps its share."""
         text = self.load(config, config.train_split, info["vocab"])["text"]
-        t = config.seq_len
-        n = (len(text) - 1) // t
+        t, jitter = config.seq_len, config.get("window_jitter", 0)
+        n = (len(text) - 1 - jitter) // t
         if n < 1:
             raise errors.UserError(
                 f"The training text has {len(text)} characters, fewer than "
-                f"config.seq_len + 1 = {t + 1}; lower config.seq_len.")
-        idx = np.arange(n)[:, None] * t + np.arange(t + 1)[None, :]
+                f"config.seq_len + 1 + config.window_jitter = {t + 1 + jitter}; "
+                "lower config.seq_len.")
+        # With jitter, a row holds `jitter` characters more; every step cuts
+        # a random window of seq_len + 1 out of it (augment.crop_windows).
+        idx = np.arange(n)[:, None] * t + np.arange(t + 1 + jitter)[None, :]
         return share_of({"tokens": text[idx]})
 
     def eval_rows(self, config: ml_collections.ConfigDict,
@@ -317,6 +322,8 @@ def encode(text: str, vocab: str) -> np.ndarray:
 # Text datasets' windows and `--mode=sample`'s options (`base_config("text")`).
 TEXT_SECTION = config_lib.Section("text", {
     "seq_len": 128,               # characters per training window (BPTT length)
+    "window_jitter": 0,           # training rows hold this many characters more,
+    #                               and every step cuts a random window of them
     "eval_windows": False,        # evaluate windows of seq_len + 1 (a model with a
     #                               fixed context), not eval_batch_size streams
     "sample": {
@@ -326,4 +333,10 @@ TEXT_SECTION = config_lib.Section("text", {
         "top_k": 0,               # sample from the k likeliest; 0: all
         "top_p": 1.0,             # from the fewest likeliest reaching p; 1: all
         "seed": 0,                # same seed, same text
-    }}, free=("sample.",), optional=True)
+    }}, free=("sample.",), optional=True, check=lambda config: _check_text(config))
+
+
+def _check_text(config: ml_collections.ConfigDict) -> None:
+    if config.window_jitter < 0:
+        raise errors.UserError(f"config.window_jitter={config.window_jitter}; "
+                               "use 0 (fixed windows) or more characters.")
