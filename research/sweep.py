@@ -85,6 +85,13 @@ def plan(sweep: ml_collections.ConfigDict) -> list[tuple[str, int]]:
     return [(name, sweep.seeds[0]) for name in first] + more
 
 
+def _previous_seconds(table: runner.Runner) -> dict[str, float]:
+    """Run name -> its time in the table an earlier invocation wrote."""
+    path = table.table_path(".json")
+    return ({r["name"]: r["seconds"] for r in runner.read_rows(path)}
+            if os.path.exists(path) else {})
+
+
 def run_name(variant: str, seed: int) -> str:
     return f"{variant}_seed{seed}"
 
@@ -128,17 +135,22 @@ def run(sweep: ml_collections.ConfigDict, workdir: str,
     table = runner.Runner(workdir, RESULTS, functools.partial(render, sweep),
                           allow_config_change)
     table.about["seeds"] = list(sweep.seeds)
+    previous = _previous_seconds(table)
     for name, seed in runs:
-        start = time.perf_counter()
+        start, started = time.perf_counter(), time.time()
         result = table.train(run_name(name, seed), configs[name, seed])
         records = writers.read_metrics(table.path(run_name(name, seed)))
+        seconds = time.perf_counter() - start
+        if not any(r.get("time", 0.0) >= started for r in records):
+            # Only evaluated now: keep the time the run took when it trained.
+            seconds = previous.get(run_name(name, seed), seconds)
         table.add({
             "name": run_name(name, seed), "variant": name, "seed": seed,
             "step": result["step"],
             **{k: v for k, v in result.items() if k.startswith("eval/")},
             "syncs": _last(records, "comm/syncs") or 0.0,
             "bytes_per_step": _last(records, "comm/bytes_per_step") or 0.0,
-            "seconds": time.perf_counter() - start})
+            "seconds": seconds})
     chosen, means = choose(sweep, table.rows)
     table.summary = {"validation_split": configs[runs[0]].eval_split,
                      "chosen": chosen, "chosen_by": {

@@ -285,6 +285,10 @@ def test_sweep_chooses_on_validation_then_scores_test_once(tmp_path, monkeypatch
         "0.5500, 0.5500 | 0.1000, 0.2000 |" in lines, lines
     # A candidate not chosen: no test score.
     assert "| b | 0, 1 | 0.5000 ± 0.2828 | - | 0.7000, 0.3000 | - |" in lines, lines
+    # Rerun: the runs only evaluate (no new metric records); their rows keep
+    # the times they took when they trained.
+    again = sweep.run(config, str(tmp_path))
+    assert [r["seconds"] for r in again] == [r["seconds"] for r in rows]
     # A candidate that is the baseline, or a name no variant has, is refused.
     with config.unlocked():
         config.choose.among = ("a", "nope")
