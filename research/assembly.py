@@ -10,6 +10,7 @@ import dataclasses
 import functools
 from typing import Any, NamedTuple
 
+from absl import logging
 import flax
 from flax import linen as nn
 import jax
@@ -201,7 +202,13 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str,
     abstract = nn.meta.unbox(boxed)
     if layout:
         scheme = create_scheme(config)
-        mesh = mesh or scheme.create_mesh(config.num_devices)
+        try:
+            mesh = mesh or scheme.create_mesh(config.num_devices)
+        except errors.UserError as e:  # e.g. trained on 8 devices, sampled on 1
+            logging.warning("The run's layout does not fit here (%s): the model "
+                            "is restored whole on one device.", e)
+            layout, mesh = False, mesh_lib.create_mesh(1)
+    if layout:
         shaped = _Variables(params=abstract["params"], rest={
             k: v for k, v in abstract.items() if k != "params"})
         prefix = scheme.state_shardings(

@@ -90,6 +90,11 @@ def test_gpt_trains_evaluates_and_samples(tmp_path):
     text = helpers.rnn_mocked(sample.sample, config, str(tmp_path))
     assert text.startswith("abc") and len(text) == 3 + 8
     assert set(text) <= set(" abcdefghij")
+    # A layout this process cannot hold (8 devices as 2x2x2, here 1):
+    # sampled whole on one device, the same text.
+    elsewhere = gpt_config(num_epochs=2, log_every_steps=4, **sharded(2, 2, 2),
+                           **{"model_kwargs.remat": "dots_saveable"})
+    assert helpers.rnn_mocked(sample.sample, elsewhere, str(tmp_path)) == text
 
 
 def test_window_jitter_trains_and_resumes_bitwise(tmp_path):
