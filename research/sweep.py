@@ -152,7 +152,7 @@ def run(sweep: ml_collections.ConfigDict, workdir: str,
             "bytes_per_step": _last(records, "comm/bytes_per_step") or 0.0,
             "seconds": seconds})
     chosen, means = choose(sweep, table.rows)
-    table.summary = {"validation_split": configs[runs[0]].eval_split,
+    table.summary = {"eval_split": configs[runs[0]].eval_split,
                      "chosen": chosen, "chosen_by": {
                          "metric": sweep.choose.metric, "higher": sweep.choose.higher,
                          "means_over_seeds": means}}
