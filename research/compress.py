@@ -324,7 +324,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         for model in config.prune.models:
             levels = (config.prune.teacher_levels or config.prune.levels
                       if model == "teacher" else config.prune.levels)
-            for level in levels:
+            for level in sorted(levels):  # 0 first: the others compare to it
                 for seed in (seeds if level in seeded else seeds[:1]):
                     start, role = source(model, seed)
                     name = f"prune_{model}_{int(round(100 * level))}_seed{seed}"
