@@ -68,6 +68,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         config.adam_b2 = 0.99
         config.warmup_steps = 200
         config.num_epochs = 17        # ~122 steps an epoch; ~26 minutes here
+        # Each step cuts its windows at random places in rows 128 characters
+        # longer: validation 1.441 against 1.460 with fixed windows (big_models.md).
+        config.window_jitter = 128
     elif preset == "smoke":           # seconds, for tests
         config.seq_len = 64
         config.model_kwargs.update({"num_layers": 2, "width": 32, "num_heads": 4,
