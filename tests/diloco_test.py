@@ -289,7 +289,7 @@ def test_sweep_chooses_on_validation_then_scores_test_once(tmp_path, monkeypatch
     # the times they took when they trained.
     again = sweep.run(config, str(tmp_path))
     assert [r["seconds"] for r in again] == [r["seconds"] for r in rows]
-    # A candidate that is the baseline, or a name no variant has, is refused.
+    # A candidate no variant has is refused before any run.
     with config.unlocked():
         config.choose.among = ("a", "nope")
     with pytest.raises(errors.UserError, match=r"\['nope'\]"):
