@@ -413,14 +413,5 @@ def test_two_processes_train_a_sharded_gpt_like_one_device(tmp_path):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
-    # XLA_FLAGS=--xla_force_host_platform_device_count=8 python
-    #   tests/gpt_test.py worker DIR [OUT.json]: OUT gets the numbers and how
-    #   they were made (docs/results/gpt_meshes.json).
-    sys.path.insert(0, helpers.REPO)
-    measured = _worker(sys.argv[2])
-    if len(sys.argv) > 3:
-        from research import runner  # pylint: disable=g-import-not-at-top
-        about = runner.provenance()  # before the file is opened (and dirty)
-        with open(sys.argv[3], "w") as f:
-            json.dump({"about": about, "result": measured}, f, indent=1)
-    print(json.dumps(measured))
+    # tests/gpt_test.py worker DIR [OUT.json]: OUT is docs/results/gpt_meshes.json.
+    helpers.worker_main(_worker)

@@ -8,6 +8,7 @@ modules it needs when called, so a test file depends only on those of the
 helpers it uses.
 """
 import glob
+import json
 import os
 import socket
 import subprocess
@@ -132,6 +133,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def worker_main(worker) -> None:
+    """The `__main__` of a test file's subprocess worker, run as `python
+    tests/<name>_test.py worker DIR [OUT.json]` (with XLA_FLAGS for 8
+    devices): prints `worker(DIR)`'s numbers as JSON, and with OUT also
+    writes them with how they were made (for docs/results/)."""
+    sys.path.insert(0, REPO)
+    measured = worker(sys.argv[2])
+    if len(sys.argv) > 3:
+        from research import runner  # pylint: disable=g-import-not-at-top
+        about = runner.provenance()  # before the file is opened (and dirty)
+        with open(sys.argv[3], "w") as f:
+            json.dump({"about": about, "result": measured}, f, indent=1)
+    print(json.dumps(measured))
 
 
 def device_env(devices: int) -> dict[str, str]:

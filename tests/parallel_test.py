@@ -236,14 +236,5 @@ def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
-    # XLA_FLAGS=--xla_force_host_platform_device_count=8 python
-    #   tests/parallel_test.py worker DIR [OUT.json]: OUT gets the numbers and
-    #   how they were made (docs/results/data_parallel_8_devices.json).
-    sys.path.insert(0, helpers.REPO)
-    measured = _worker(sys.argv[2])
-    if len(sys.argv) > 3:
-        from research import runner  # pylint: disable=g-import-not-at-top
-        about = runner.provenance()  # before the file is opened (and dirty)
-        with open(sys.argv[3], "w") as f:
-            json.dump({"about": about, "result": measured}, f, indent=1)
-    print(json.dumps(measured))
+    # worker DIR [OUT.json]: OUT is docs/results/data_parallel_8_devices.json.
+    helpers.worker_main(_worker)

@@ -57,6 +57,21 @@ inline V Exp(V x) {
 inline V Sigmoid(V x) { return 1.f / (1.f + Exp(-x)); }
 inline V Tanh(V x) { return 1.f - 2.f / (1.f + Exp(x + x)); }
 
+// The activated gates of 16 units at column u of a row of pre-activations
+// z [4H] (i, f, g, o), and the new cell state from c_prev.
+struct Cell {
+  V i, f, g, o, c;
+};
+inline Cell Step(const float* z, int64_t H, int64_t u, V c_prev) {
+  Cell cell;
+  cell.i = Sigmoid(Load(z + u));
+  cell.f = Sigmoid(Load(z + H + u));
+  cell.g = Tanh(Load(z + 2 * H + u));
+  cell.o = Sigmoid(Load(z + 3 * H + u));
+  cell.c = cell.f * c_prev + cell.i * cell.g;
+  return cell;
+}
+
 // W [K, N] row-major -> panels [N / 32][K][32].
 std::vector<float> Pack(const float* w, int64_t K, int64_t N) {
   std::vector<float> packed(K * N);
@@ -211,15 +226,13 @@ ffi::Error LstmFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates_x,
         const float* c_prev = step ? c_out + (b * T + step - 1) * H
                                    : c0.typed_data() + b * H;
         for (int64_t u = u0; u < u1; u += 16) {
-          const V i = Sigmoid(Load(zr + u)), f = Sigmoid(Load(zr + H + u));
-          const V g = Tanh(Load(zr + 2 * H + u)), o = Sigmoid(Load(zr + 3 * H + u));
-          const V c = f * Load(c_prev + u) + i * g;
-          Store(zr + u, i);
-          Store(zr + H + u, f);
-          Store(zr + 2 * H + u, g);
-          Store(zr + 3 * H + u, o);
-          Store(c_out + (b * T + step) * H + u, c);
-          Store(h_out + (b * T + step) * H + u, o * Tanh(c));
+          const Cell cell = Step(zr, H, u, Load(c_prev + u));
+          Store(zr + u, cell.i);
+          Store(zr + H + u, cell.f);
+          Store(zr + 2 * H + u, cell.g);
+          Store(zr + 3 * H + u, cell.o);
+          Store(c_out + (b * T + step) * H + u, cell.c);
+          Store(h_out + (b * T + step) * H + u, cell.o * Tanh(cell.c));
         }
       }
       barrier.Wait();  // h_t is whole before any thread's next matmul
@@ -264,11 +277,9 @@ ffi::Error LstmInferImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates_x,
       for (int64_t b = 0; b < B; ++b) {
         const float* zr = z.data() + b * G;
         for (int64_t u = u0; u < u1; u += 16) {
-          const V i = Sigmoid(Load(zr + u)), f = Sigmoid(Load(zr + H + u));
-          const V g = Tanh(Load(zr + 2 * H + u)), o = Sigmoid(Load(zr + 3 * H + u));
-          const V cv = f * Load(c + b * H + u) + i * g;
-          Store(c + b * H + u, cv);
-          Store(h_out + (b * T + step) * H + u, o * Tanh(cv));
+          const Cell cell = Step(zr, H, u, Load(c + b * H + u));
+          Store(c + b * H + u, cell.c);
+          Store(h_out + (b * T + step) * H + u, cell.o * Tanh(cell.c));
         }
       }
       barrier.Wait();  // h_t is whole before any thread's next matmul
