@@ -249,42 +249,61 @@ def main(argv):
                     rec["mfu"] = (jax_rec["model_flops_per_step"]
                                   / (rec["step_ms"] / 1e3) / peak)
                     records.append({"config": name, "batch_size": batch_size, **rec})
+    about = {**runner.provenance(), "cpu_flags": cpu_flags(),
+             "matmul_peak_flops": peak}  # the machine it measured
     unit = input_pipeline.get_dataset(config.dataset).throughput_unit(config)[0] + "/s"
-    print(f"matmul peak for MFU: {peak / 1e9:.0f} GFLOP/s"
-          + (" (bfloat16: 2x the float32 matmul)"
-             if config.model_kwargs.get("dtype") == "bfloat16" else ""))
-    print(f"{'config':<22}{'batch':>6}{'framework':>14}{'devices':>8}"
-          f"{'train ' + unit:>18}{'eval ' + unit:>18}{'step ms':>9}{'MFU':>7}"
-          f"{'jax/torch':>10}")
+    lines = render(records, streamed, unit, about,
+                   bf16=config.model_kwargs.get("dtype") == "bfloat16")
+    print("\n".join(lines))
+    with open(FLAGS.output, "w") as f:
+        json.dump({"about": about, "records": records + streamed}, f, indent=1)
+    with open(os.path.splitext(FLAGS.output)[0] + ".md", "w") as f:
+        header = [f"<!-- written by: {about['command']} -->",
+                  (f"<!-- commit {about['commit']}, {about['date']}, "
+                   f"{about['machine']} -->"), ""]
+        f.write("\n".join(header + lines) + "\n")
+
+
+def render(records: list[dict], streamed: list[dict], unit: str, about: dict,
+           bf16: bool = False) -> list[str]:
+    """The results as Markdown tables: one row per framework, batch and
+    device count, JAX's train and eval ratios to PyTorch's eager step."""
+    peak = about["matmul_peak_flops"]
+    lines = [(f"Machine: {about['machine']}; ISA: {about['cpu_flags']}; matmul "
+              f"peak for MFU {peak / 1e9:.0f} GFLOP/s"
+              + (" (bfloat16: 2x the float32 matmul)" if bf16 else "") + "."), "",
+             (f"| config | batch | framework | devices | train {unit} | eval {unit} "
+              "| step ms | MFU | train JAX : PyTorch | eval JAX : PyTorch |"),
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for rec in records:
-        ratio = ""
+        ratios = ["", ""]
         if rec["framework"] == "jax":
             torch_rec = next((r for r in records if r["framework"] == "torch"
                               and r["config"] == rec["config"]
                               and r["batch_size"] == rec["batch_size"]), None)
             if torch_rec:
-                ratio = f"{rec['train_per_sec'] / torch_rec['train_per_sec']:.2f}"
-        print(f"{rec['config']:<22}{rec['batch_size']:>6}{rec['framework']:>14}"
-              f"{rec.get('devices', 1):>8}{rec['train_per_sec']:>18,.0f}"
-              f"{rec['eval_per_sec']:>18,.0f}{rec['step_ms']:>9.2f}"
-              f"{rec['mfu']:>7.1%}{ratio:>10}")
+                ratios = [f"{rec[k] / torch_rec[k]:.2f}"
+                          for k in ("train_per_sec", "eval_per_sec")]
+        lines.append(
+            f"| {rec['config']} | {rec['batch_size']} | {rec['framework']} | "
+            f"{rec.get('devices', 1)} | {rec['train_per_sec']:,.0f} | "
+            f"{rec['eval_per_sec']:,.0f} | {rec['step_ms']:.2f} | {rec['mfu']:.1%} | "
+            + " | ".join(ratios) + " |")
     if streamed:
-        print(f"streaming input ({unit}; step ms with its streamed batch, the time "
-              "it waited for it, without it, the reader alone, and the in-memory "
-              "step, all timed in one alternating loop):")
-        print(f"{'config':<22}{'batch':>6}{'devices':>8}{'train':>12}"
-              f"{'step ms':>9}{'waited':>8}{'no input':>10}{'reader':>12}"
-              f"{'in memory':>11}")
+        lines += ["", (f"Streaming input ({unit}; step ms with its streamed batch, "
+                       "the time it waited for it, without it, the reader alone, "
+                       "and the in-memory step, all timed in one alternating "
+                       "loop):"), "",
+                  ("| config | batch | devices | train | step ms | waited | "
+                   "no input | reader | in memory |"),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for rec in streamed:
-            print(f"{rec['config']:<22}{rec['batch_size']:>6}{rec['devices']:>8}"
-                  f"{rec['train_per_sec']:>12,.0f}{rec['step_ms']:>9.2f}"
-                  f"{rec['wait_ms']:>8.2f}{rec['step_ms_without_input']:>10.2f}"
-                  f"{rec['reader_per_sec']:>12,.0f}"
-                  f"{rec['step_ms_in_memory']:>11.2f}")
-    about = {**runner.provenance(), "cpu_flags": cpu_flags(),
-             "matmul_peak_flops": peak}  # the machine it measured
-    with open(FLAGS.output, "w") as f:
-        json.dump({"about": about, "records": records + streamed}, f, indent=1)
+            lines.append(
+                f"| {rec['config']} | {rec['batch_size']} | {rec['devices']} | "
+                f"{rec['train_per_sec']:,.0f} | {rec['step_ms']:.2f} | "
+                f"{rec['wait_ms']:.2f} | {rec['step_ms_without_input']:.2f} | "
+                f"{rec['reader_per_sec']:,.0f} | {rec['step_ms_in_memory']:.2f} |")
+    return lines
 
 
 if __name__ == "__main__":

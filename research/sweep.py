@@ -6,7 +6,8 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         --workdir=runs/diloco
 
 A sweep config names a base experiment (a config file and overrides) and
-variants (name -> overrides, e.g. the data-parallel scheme). Each variant
+variants (name -> overrides, e.g. the data-parallel scheme; a variant's
+`config` key names another config file or preset, e.g. a recipe's). Each variant
 runs with `seeds[0]`; the `baseline` and the candidates of `choose.among`
 with every seed in `seeds`. Each (variant, seed) is an ordinary run in
 `<workdir>/<variant>_seed<s>`: it resumes like any run, and a finished one is
@@ -47,10 +48,12 @@ def variant_config(sweep: ml_collections.ConfigDict, name: str,
     if name not in sweep.variants:
         raise errors.UserError(f"Unknown variant {name!r}; the sweep has "
                                f"{sorted(sweep.variants)}.")
+    variant = sweep.variants[name].to_dict()
+    base = variant.pop("config", sweep.config)  # a variant may name its own
     overrides = dict(config_lib.dotted_items(sweep.overrides.to_dict()))
-    overrides.update(config_lib.dotted_items(sweep.variants[name].to_dict()))
+    overrides.update(config_lib.dotted_items(variant))
     overrides["seed"] = sweep.seeds[0] if seed is None else seed
-    return config_lib.load_config(sweep.config, overrides)
+    return config_lib.load_config(base, overrides)
 
 
 def check(sweep: ml_collections.ConfigDict) -> None:

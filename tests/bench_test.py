@@ -13,6 +13,7 @@ from tests import helpers
 
 @pytest.mark.parametrize("config, batch, extra", [
     ("cifar_cnn.py:smoke", "8", []),
+    ("cifar_cnn.py:smoke", "8", ["--inputs=memory,stream"]),
     ("shakespeare_rnn.py:smoke", "8", ["--rnn_sizes=1x16"]),
     ("shakespeare_gpt.py:smoke", "8", []),
 ])
@@ -28,13 +29,22 @@ def test_benchmark_reports_every_number(tmp_path, config, batch, extra):
     with open(output) as f:
         written = json.load(f)
     records = written["records"]
+    streamed = [r for r in records if r.get("input") == "stream"]
+    assert len(streamed) == (1 if extra == ["--inputs=memory,stream"] else 0)
+    records = [r for r in records if r not in streamed]
     assert len(records) == 1 and records[0]["framework"] == "jax"
     # Each file says which machine measured it (never compare two by accident).
     about = written["about"]
     assert about["machine"] and about["matmul_peak_flops"] > 0 and about["commit"]
     for key in ("train_per_sec", "eval_per_sec", "step_ms", "mfu"):
         assert records[0][key] > 0, records
-    assert "jax/torch" in proc.stdout
+    assert "train JAX : PyTorch" in proc.stdout
+    # Its Markdown twin: the same row, and the command and commit that made it.
+    with open(output[:-len(".json")] + ".md") as f:
+        table = f.read()
+    assert table.startswith("<!-- written by: python -m research.bench ")
+    assert about["commit"] in table and f"| {batch} | jax | 1 |" in table
+    assert ("Streaming input" in table) == bool(streamed)
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -19,13 +19,15 @@ CONFIG_FILES = sorted(
     if not p.endswith("__init__.py"))
 PRESETS = {"cifar_cnn.py": ["", "smoke"], "cifar_convnet.py": ["", "smoke"],
            "shakespeare_rnn.py": ["", "cpu", "smoke"],
-           "cifar_fast.py": ["", "gpu", "cpu", "smoke"],
+           "cifar_fast.py": ["", "gpu", "cpu", "muon", "smoke", "muon_smoke"],
            "compress_cifar.py": ["", "smoke"], "diloco_cifar.py": ["", "smoke"],
            "diloco_lstm.py": ["", "smoke"], "lenet_seeds.py": ["", "smoke"],
+           "fast_cnn_seeds.py": ["", "smoke"],
            "scaling_shakespeare.py": ["", "cpu", "gpu", "smoke"],
            "compress_gpt.py": ["", "smoke"]}
 PIPELINES = {"compress_cifar.py", "compress_gpt.py"}  # research.compress configs
-SWEEPS = {"diloco_cifar.py", "diloco_lstm.py", "lenet_seeds.py"}  # research.sweep
+SWEEPS = {"diloco_cifar.py", "diloco_lstm.py", "lenet_seeds.py",
+          "fast_cnn_seeds.py"}  # research.sweep
 GRIDS = {"scaling_shakespeare.py"}  # research.scaling configs
 
 
@@ -133,3 +135,14 @@ def test_saved_config_round_trips(tmp_path):
     assert config_lib.load_workdir_config(str(tmp_path)).to_dict() == config.to_dict()
     with pytest.raises(errors.UserError, match="holds no run"):
         config_lib.load_workdir_config(str(tmp_path / "empty"))
+
+
+def test_a_sweep_variant_may_name_its_own_config():
+    from research import sweep  # pylint: disable=g-import-not-at-top
+    config = config_lib.load_config(
+        os.path.join(helpers.CONFIGS, "pipelines/fast_cnn_seeds.py"))
+    muon = sweep.variant_config(config, "muon", seed=1)
+    plain = sweep.variant_config(config, "airbench94")
+    assert (muon.muon.pattern, muon.num_epochs, muon.seed) == (
+        r".*conv\d/kernel", 8, 1)
+    assert (plain.muon.pattern, plain.num_epochs, plain.seed) == ("", 10, 0)

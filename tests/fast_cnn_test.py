@@ -13,6 +13,7 @@ import pytest
 from research.core import augment
 from research.core import config_lib
 from research import assembly
+from research import errors
 from research import models
 from research.core import optimizers
 from research.core import state as state_lib
@@ -210,6 +211,85 @@ def test_lookahead_pulls_the_weights_to_the_slow_copy():
     assert seen[1] == pytest.approx((slow2, slow2))
     assert seen[2] == pytest.approx((slow2 + 1, slow2))
     assert seen[3] == pytest.approx((slow2, slow2))  # the last step: d = 1
+
+
+def _airbench_muon_reference(kernel, grads, lr, momentum, steps):
+    """airbench94_muon's Muon step in NumPy float64, on PyTorch's layout
+    [out, in * kh * kw]: buf = m buf + g; g + m buf; p *= sqrt(out) / |p|;
+    p -= lr * NewtonSchulz(g)."""
+    a, b, c = optimizers.NS_COEFFS
+    p = np.asarray(kernel, np.float64).transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    buf = np.zeros_like(p)
+    for g in grads:
+        g = np.asarray(g, np.float64).transpose(3, 2, 0, 1)
+        buf = momentum * buf + g
+        g = (g + momentum * buf).reshape(len(g), -1)
+        p = p * (len(p) ** 0.5 / np.linalg.norm(p))
+        x = g.T if g.shape[0] > g.shape[1] else g
+        x = x / (np.linalg.norm(x) + 1e-7)
+        for _ in range(steps):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        update = x.T if g.shape[0] > g.shape[1] else x
+        p = p - lr * update.reshape(p.shape)
+    return p.transpose(2, 3, 1, 0)  # back to HWIO
+
+
+def test_muon_matches_airbench_on_the_filters_and_sgd_trains_the_rest():
+    """config.muon: three steps of a [3, 3, 4, 6] kernel against a NumPy
+    reference of airbench94_muon's optimizer; the bias stays with SGD."""
+    config = _fast_config(**{"lookahead.every": 0, "weight_decay": 0.01,
+                             "momentum": 0.0, "nesterov": False,
+                             "lr_schedule": "constant", "warmup_fraction": 0.0,
+                             "muon.pattern": r".*conv\d/kernel",
+                             "muon.learning_rate": 0.24, "muon.momentum": 0.6,
+                             "muon.nesterov": True, "muon.ns_steps": 3,
+                             "muon.normalize_weights": True})
+    keys = jax.random.split(jax.random.key(0), 4)
+    params = {"block0_conv1": {"kernel": jax.random.normal(keys[0], (3, 3, 4, 6))},
+              "block0_norm1": {"bias": jnp.ones(6)}}
+    grads = [{"block0_conv1": {"kernel": jax.random.normal(k, (3, 3, 4, 6))},
+              "block0_norm1": {"bias": jnp.full(6, 0.5)}} for k in keys[1:]]
+    tx = optimizers.create_optimizer(config, total_steps=10)
+    opt_state, new = tx.init(params), params
+    for g in grads:
+        updates, opt_state = tx.update(g, opt_state, new)
+        new = optax.apply_updates(new, updates)
+    want = _airbench_muon_reference(params["block0_conv1"]["kernel"],
+                                    [g["block0_conv1"]["kernel"] for g in grads],
+                                    lr=0.24, momentum=0.6, steps=3)
+    np.testing.assert_allclose(new["block0_conv1"]["kernel"], want, rtol=1e-4,
+                               atol=1e-5)
+    # The bias: its group's SGD, weight decay 0.01 per step (no Muon, no renorm).
+    bias, lr = 1.0, config.learning_rate * config.param_groups.norm_bias.lr_scale
+    for _ in grads:
+        bias = bias - lr * 0.5 - 0.01 * bias
+    np.testing.assert_allclose(new["block0_norm1"]["bias"], bias, rtol=1e-5)
+
+
+def test_muon_on_a_vector_is_a_clear_error():
+    config = _fast_config(**{"muon.pattern": ".*", "muon.learning_rate": 0.1,
+                             "muon.momentum": 0.5, "muon.ns_steps": 3})
+    params = {"head": {"kernel": jnp.ones((4, 3))}, "bias": jnp.ones(3)}
+    tx = optimizers.create_optimizer(config, total_steps=10)
+    with pytest.raises(errors.UserError, match=r"matches \['bias'\] of shape"):
+        tx.update(params, tx.init(params), params)
+    with pytest.raises(errors.UserError, match="ns_steps >= 1"):
+        optimizers.check(_fast_config(**{"muon.pattern": "x",
+                                         "muon.learning_rate": 0.1}))
+
+
+def test_muon_preset_trains_and_resumes_bitwise(tmp_path):
+    config = config_lib.load_config(FAST + ":muon_smoke", {
+        "train_split": "train", "eval_split": "test", "data_dir": "/nonexistent",
+        "model_kwargs.conv_impl": "xla", "num_epochs": 1})
+    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+    result = helpers.mocked(train.train_and_evaluate, config, straight)
+    helpers.mocked(train.train_and_evaluate, config, resumed, stop_after_step=3)
+    helpers.mocked(train.train_and_evaluate, config, resumed)
+    helpers.assert_trees_equal(assembly.restore_variables(config, straight).variables,
+                               assembly.restore_variables(config, resumed).variables)
+    assert np.isfinite(result["eval/loss"])
 
 
 TECHNIQUES = {

@@ -11,6 +11,14 @@ Weight decay follows airbench's parametrization: `weight_decay` is the decay
 per step at the peak learning rate, whatever a group's multiplier. It enters
 the gradient as `weight_decay / (learning_rate * multiplier) * w`, so it goes
 through momentum as in PyTorch's SGD and follows the schedule.
+
+`config.muon.pattern` hands the parameters it matches (e.g. the convolution
+filters, as airbench94_muon does) to Muon instead: PyTorch-style Nesterov
+momentum whose update is orthogonalized by Newton-Schulz iterations (as
+optax.contrib's muon; a kernel [..., in, out] is the matrix [prod(...) * in,
+out]), at `muon.learning_rate` on the run's schedule, without weight decay;
+with `normalize_weights` each such kernel is first rescaled to norm
+sqrt(out), as airbench does (a decay would be undone by it).
 """
 import math
 import re
@@ -82,9 +90,13 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 }
 
 
-def _group_of(path: tuple[Any, ...], groups: ml_collections.ConfigDict) -> str:
+def _group_of(path: tuple[Any, ...], config: ml_collections.ConfigDict) -> str:
+    """Which transform trains the parameter at `path` (e.g. "Conv_0/kernel"):
+    "muon", a param_groups name or "default"."""
     name = "/".join(str(getattr(k, "key", k)) for k in path)
-    for group, options in groups.items():
+    if config.muon.pattern and re.fullmatch(config.muon.pattern, name):
+        return "muon"
+    for group, options in config.param_groups.items():
         if re.fullmatch(options.pattern, name):
             return group
     return "default"
@@ -108,6 +120,68 @@ def _group_transform(config: ml_collections.ConfigDict, schedule: optax.Schedule
     return tx
 
 
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # airbench94_muon's, optax's default
+
+
+def _newton_schulz(x: jax.Array, steps: int, eps: float = 1e-7) -> jax.Array:
+    """An approximately orthogonal matrix with x's singular vectors (airbench's
+    and optax's quintic iteration; its singular values land in ~[0.7, 1.2])."""
+    a, b, c = NS_COEFFS
+    wide = x.T if x.shape[0] > x.shape[1] else x   # iterate on the small Gram
+    wide = wide / (jnp.linalg.norm(wide) + eps)
+    for _ in range(steps):
+        gram = wide @ wide.T
+        wide = a * wide + (b * gram + c * gram @ gram) @ wide
+    return wide.T if x.shape[0] > x.shape[1] else wide
+
+
+def _orthogonalize(ns_steps: int) -> optax.GradientTransformation:
+    """Each update orthogonalized: a kernel [..., in, out] as the matrix
+    [prod(...) * in, out] (flax's layouts: Dense [in, out], Conv HWIO)."""
+    def one(path, u):
+        if u.ndim < 2:
+            raise errors.UserError(
+                f"config.muon.pattern matches {jax.tree_util.keystr(path)} of shape "
+                f"{u.shape}; Muon trains matrices and kernels (2 or more axes): "
+                "narrow the pattern (e.g. r'.*conv\\d/kernel').")
+        return _newton_schulz(u.reshape(-1, u.shape[-1]), ns_steps).reshape(u.shape)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(one, updates), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                        update_fn)
+
+
+def _normalize_weights() -> optax.GradientTransformation:
+    """Adds to the update what rescales each weight to norm sqrt(out) first
+    (airbench94_muon: `p *= len(p) ** 0.5 / p.norm()`, out = len(p))."""
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("normalize_weights needs the params")
+        updates = jax.tree.map(
+            lambda u, p: u + p * (jnp.sqrt(float(p.shape[-1]))
+                                  / jnp.linalg.norm(p) - 1.0), updates, params)
+        return updates, state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                        update_fn)
+
+
+def _muon_transform(config: ml_collections.ConfigDict, schedule: optax.Schedule
+                    ) -> optax.GradientTransformation:
+    """airbench94_muon's Muon: PyTorch-style (Nesterov) momentum, then the
+    orthogonalized step at the scheduled rate, after renormalizing."""
+    options = config.muon
+    scale = options.learning_rate / config.learning_rate
+    tx = optax.chain(
+        optax.trace(decay=options.momentum, nesterov=options.nesterov),
+        _orthogonalize(options.ns_steps),
+        optax.scale_by_learning_rate(lambda step: schedule(step) * scale))
+    if options.normalize_weights:
+        tx = optax.chain(tx, _normalize_weights())
+    return tx
+
+
 def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
                      steps_per_epoch: int = 0, wrappers: Sequence[Wrapper] = ()
                      ) -> optax.GradientTransformation:
@@ -124,10 +198,12 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int,
         transforms[name] = _group_transform(
             config, schedule, options.lr_scale,
             int(round(options.train_epochs * steps_per_epoch)))
-    if groups:
+    if config.muon.pattern:
+        transforms["muon"] = _muon_transform(config, schedule)
+    if len(transforms) > 1:
         tx = optax.multi_transform(transforms, lambda params: jax.tree_util.
                                    tree_map_with_path(lambda p, _: _group_of(
-                                       p, groups), params))
+                                       p, config), params))
     else:
         tx = transforms["default"]
     if config.grad_clip_norm:
@@ -160,6 +236,19 @@ def check(config: ml_collections.ConfigDict) -> None:
             config.warmup_fraction >= 1):
         raise errors.UserError("config.weight_decay must be >= 0 and "
                                "config.warmup_fraction in [0, 1).")
+    muon = config.muon
+    if muon.pattern:
+        try:
+            re.compile(muon.pattern)
+        except re.error as e:
+            raise errors.UserError(f"config.muon.pattern: {e}") from None
+        if not (muon.learning_rate > 0 and 0 <= muon.momentum < 1
+                and muon.ns_steps >= 1):
+            raise errors.UserError(
+                "config.muon (pattern set) needs learning_rate > 0, momentum in "
+                f"[0, 1) and ns_steps >= 1; got learning_rate={muon.learning_rate}, "
+                f"momentum={muon.momentum}, ns_steps={muon.ns_steps} (airbench94_muon: "
+                "0.24, 0.6, 3).")
     for name, options in config.param_groups.items():
         try:
             re.compile(options.pattern)
@@ -208,5 +297,10 @@ SECTION = config_lib.Section("optimizer", {
     # "Conv_0/kernel"), lr_scale (0: frozen), train_epochs (frozen after; 0: all)}.
     "param_groups": {},
     "grad_clip_norm": 0.0,        # clip gradients to this global norm; 0: off
+    # Muon for the parameters `pattern` matches (a regex on paths; "": off),
+    # before param_groups; its rate follows the run's schedule (module doc).
+    # Off by default (zeros), so older runs' configs resume unchanged.
+    "muon": {"pattern": "", "learning_rate": 0.0, "momentum": 0.0,
+             "nesterov": False, "ns_steps": 0, "normalize_weights": False},
     "grad_accum_steps": 1,        # micro-batches per step: same update, less memory
 }, check=check, run_length=_run_length)

@@ -30,12 +30,14 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 WHITEN_EPS = 5e-4
 
 
-def _torch_uniform(fan_in: int):
-    bound = 1.0 / math.sqrt(fan_in)
-
+def _uniform(bound: float):
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
     return init
+
+
+def _torch_uniform(fan_in: int):
+    return _uniform(1.0 / math.sqrt(fan_in))
 
 
 def _dirac_conv_init(key, shape, dtype=jnp.float32):
@@ -86,6 +88,8 @@ class AirbenchNet(nn.Module):
     num_classes: int = 10
     bn_momentum: float = 0.6
     scale: float = 1.0 / 9.0
+    head_std: float = 0.0   # > 0: the head's init rescaled to this std
+    #                         (airbench94_muon: 1, with scale 1 / width)
     dtype: str = "float32"
     conv_impl: str = "auto"
 
@@ -115,8 +119,10 @@ class AirbenchNet(nn.Module):
         # Global max pool; materialised first, so that the gradient's "which
         # input was the max" compares against exactly the values maxed.
         x = jax.lax.optimization_barrier(x).max(axis=(1, 2)).astype(jnp.float32)
-        x = nn.Dense(self.num_classes, use_bias=False,
-                     kernel_init=_torch_uniform(x.shape[-1]), name="head")(x)
+        head_init = (_uniform(math.sqrt(3.0) * self.head_std) if self.head_std
+                     else _torch_uniform(x.shape[-1]))
+        x = nn.Dense(self.num_classes, use_bias=False, kernel_init=head_init,
+                     name="head")(x)
         return x * self.scale
 
     def init_from_data(self, variables, images: jax.Array):
