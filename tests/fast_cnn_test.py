@@ -279,6 +279,7 @@ def test_muon_on_a_vector_is_a_clear_error():
                                          "muon.learning_rate": 0.1}))
 
 
+@pytest.mark.slow
 def test_muon_preset_trains_and_resumes_bitwise(tmp_path):
     config = config_lib.load_config(FAST + ":muon_smoke", {
         "train_split": "train", "eval_split": "test", "data_dir": "/nonexistent",
