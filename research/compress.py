@@ -388,10 +388,13 @@ def _prune_overrides(config: ml_collections.ConfigDict, level: float,
                      model: str, source: ml_collections.ConfigDict
                      ) -> dict[str, Any]:
     options = config.fine_tune[model]
+    # The pipeline's `exclude` if it sets one, else the model config's own
+    # (the fast CNN's frozen whitening layer is never pruned).
+    exclude = config.prune.get("exclude") or source.prune.exclude
     return {"prune.sparsity": level, "prune.schedule": config.prune.schedule,
             "prune.scope": config.prune.scope,
             "prune.update_every": options.prune_update_every,
-            "prune.exclude": config.prune.get("exclude", ""),
+            "prune.exclude": exclude,
             "num_epochs": options.epochs, **_fine_tune(config, model, source)}
 
 

@@ -4,6 +4,7 @@ bad pipelines fail before any compute."""
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from research import compress
@@ -181,6 +182,12 @@ def test_smoke_pipeline_writes_the_table(tmp_path):
     assert by_name["prune_student_50_seed0"].nonzeros < 0.55 * by_name["student_seed0"].params
     # The fast CNN trains with lookahead; its saved pruned model is sparse too.
     assert by_name["prune_teacher_50_seed0"].nonzeros < 0.6 * by_name["teacher"].params
+    # ... but never its frozen whitening filters (cifar_fast.py's prune.exclude,
+    # kept when the pipeline sets none).
+    run = os.path.join(workdir, "prune_teacher_50_seed0")
+    pruned = assembly.restore_variables(config_lib.load_workdir_config(run),
+                                        run).variables
+    assert np.count_nonzero(pruned["params"]["whiten_kernel"]) == 2 * 2 * 3 * 24
     assert by_name["student_seed0_int8"].bytes <= 0.27 * by_name["student_seed0"].bytes
     with open(os.path.join(workdir, "compression_results.md")) as f:
         table = f.read()
