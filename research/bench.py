@@ -258,10 +258,7 @@ def main(argv):
     with open(FLAGS.output, "w") as f:
         json.dump({"about": about, "records": records + streamed}, f, indent=1)
     with open(os.path.splitext(FLAGS.output)[0] + ".md", "w") as f:
-        header = [f"<!-- written by: {about['command']} -->",
-                  (f"<!-- commit {about['commit']}, {about['date']}, "
-                   f"{about['machine']} -->"), ""]
-        f.write("\n".join(header + lines) + "\n")
+        f.write("\n".join(runner.header(about) + lines) + "\n")
 
 
 def render(records: list[dict], streamed: list[dict], unit: str, about: dict,

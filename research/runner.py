@@ -57,11 +57,8 @@ class Runner:
             json.dump({"about": self.about, "rows": self.rows,
                        **({"summary": self.summary} if self.summary else {})},
                       f, indent=1)
-        header = [f"<!-- written by: {self.about['command']} -->",
-                  f"<!-- commit {self.about['commit']}, {self.about['date']}, "
-                  f"{self.about['machine']} -->", ""]
         with open(self.table_path(".md"), "w") as f:
-            f.write("\n".join(header + self.render(self.rows)) + "\n")
+            f.write("\n".join(header(self.about) + self.render(self.rows)) + "\n")
 
     def table_path(self, suffix: str) -> str:
         return os.path.join(self.workdir, self.stem + suffix)
@@ -72,6 +69,14 @@ def read_rows(path: str) -> list[dict[str, Any]]:
     with open(path) as f:
         content = json.load(f)
     return content["rows"] if isinstance(content, dict) else content
+
+
+def header(about: dict[str, Any]) -> list[str]:
+    """The first lines of a results Markdown file: how it was made
+    (`provenance()`), as comments, then a blank line."""
+    return [f"<!-- written by: {about['command']} -->",
+            f"<!-- commit {about['commit']}, {about['date']}, {about['machine']} -->",
+            ""]
 
 
 def provenance() -> dict[str, str]:

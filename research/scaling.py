@@ -264,9 +264,7 @@ def render_results(results: dict[str, Any]) -> list[str]:
     """scaling_results.md: the fits, the compute-optimal table, the runs."""
     about, fits = results["about"], results["fits"]
     one, three = fits["approach1"], fits["approach3"]
-    lines = [f"<!-- written by: {about['command']} -->",
-             f"<!-- commit {about['commit']}, {about['date']}, {about['machine']} -->",
-             "", "# Scaling-law fits", "",
+    lines = [*runner.header(about), "# Scaling-law fits", "",
              f"{len(results['runs'])} runs; intervals: 5th-95th percentile over "
              f"bootstrap resamplings of the runs.", "",
              "| fit | N*(C) exponent | D*(C) exponent | other |", "|---|---|---|---|"]

@@ -149,8 +149,8 @@ def test_dirac_init_passes_the_first_channels_through():
     np.testing.assert_allclose(y[..., :4], x, atol=1e-6)
 
 
-def _fast_config(**overrides):
-    return config_lib.load_config(FAST + ":smoke", {
+def _fast_config(preset="smoke", **overrides):
+    return config_lib.load_config(f"{FAST}:{preset}", {
         "train_split": "train", "eval_split": "test", "data_dir": "/nonexistent",
         "batch_size": 8, "model_kwargs.conv_impl": "xla", **overrides})
 
@@ -279,20 +279,6 @@ def test_muon_on_a_vector_is_a_clear_error():
                                          "muon.learning_rate": 0.1}))
 
 
-@pytest.mark.slow
-def test_muon_preset_trains_and_resumes_bitwise(tmp_path):
-    config = config_lib.load_config(FAST + ":muon_smoke", {
-        "train_split": "train", "eval_split": "test", "data_dir": "/nonexistent",
-        "model_kwargs.conv_impl": "xla", "num_epochs": 1})
-    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
-    result = helpers.mocked(train.train_and_evaluate, config, straight)
-    helpers.mocked(train.train_and_evaluate, config, resumed, stop_after_step=3)
-    helpers.mocked(train.train_and_evaluate, config, resumed)
-    helpers.assert_trees_equal(assembly.restore_variables(config, straight).variables,
-                               assembly.restore_variables(config, resumed).variables)
-    assert np.isfinite(result["eval/loss"])
-
-
 TECHNIQUES = {
     "label smoothing": {"objective_kwargs.label_smoothing": 0.2},
     "alternating flip": {"augment.flip": "alternating"},
@@ -322,17 +308,21 @@ def test_each_technique_alone_runs(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_preset_resumes_bitwise_with_statistics_and_lookahead(tmp_path):
-    config = _fast_config(**{"ema_decay": 0.5})
+@pytest.mark.parametrize("preset, overrides, stop", [
+    ("smoke", {"ema_decay": 0.5}, 7),  # BatchNorm statistics, lookahead, EMA
+    ("muon_smoke", {"batch_size": 32, "num_epochs": 1}, 3),  # Muon's momentum
+])
+def test_smoke_presets_resume_bitwise(tmp_path, preset, overrides, stop):
+    config = _fast_config(preset, **overrides)
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
     result = helpers.mocked(train.train_and_evaluate, config, straight)
-    helpers.mocked(train.train_and_evaluate, config, resumed, stop_after_step=7)
+    helpers.mocked(train.train_and_evaluate, config, resumed, stop_after_step=stop)
     helpers.mocked(train.train_and_evaluate, config, resumed)
     a = assembly.restore_variables(config, straight).variables
     b = assembly.restore_variables(config, resumed).variables
     assert "batch_stats" in a
     helpers.assert_trees_equal(a, b)
-    assert 0.0 <= result["eval/accuracy"] <= 1.0
+    assert 0.0 <= result["eval/accuracy"] <= 1.0 and np.isfinite(result["eval/loss"])
 
 
 @pytest.mark.slow

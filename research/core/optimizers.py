@@ -145,26 +145,16 @@ def _orthogonalize(ns_steps: int) -> optax.GradientTransformation:
                 f"{u.shape}; Muon trains matrices and kernels (2 or more axes): "
                 "narrow the pattern (e.g. r'.*conv\\d/kernel').")
         return _newton_schulz(u.reshape(-1, u.shape[-1]), ns_steps).reshape(u.shape)
-
-    def update_fn(updates, state, params=None):
-        del params
-        return jax.tree_util.tree_map_with_path(one, updates), state
-    return optax.GradientTransformation(lambda params: optax.EmptyState(),
-                                        update_fn)
+    return optax.stateless(
+        lambda updates, params: jax.tree_util.tree_map_with_path(one, updates))
 
 
 def _normalize_weights() -> optax.GradientTransformation:
     """Adds to the update what rescales each weight to norm sqrt(out) first
     (airbench94_muon: `p *= len(p) ** 0.5 / p.norm()`, out = len(p))."""
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("normalize_weights needs the params")
-        updates = jax.tree.map(
-            lambda u, p: u + p * (jnp.sqrt(float(p.shape[-1]))
-                                  / jnp.linalg.norm(p) - 1.0), updates, params)
-        return updates, state
-    return optax.GradientTransformation(lambda params: optax.EmptyState(),
-                                        update_fn)
+    return optax.stateless(lambda updates, params: jax.tree.map(
+        lambda u, p: u + p * (jnp.sqrt(float(p.shape[-1])) / jnp.linalg.norm(p)
+                              - 1.0), updates, params))
 
 
 def _muon_transform(config: ml_collections.ConfigDict, schedule: optax.Schedule
