@@ -3,7 +3,7 @@
 #   ./run.sh train [flags]   train the seed's CIFAR-10 CNN (configs/cifar_cnn.py)
 #   ./run.sh test [args]     the whole test suite (pytest args pass through)
 #   ./run.sh bench [flags]   LeNet step speed next to PyTorch (research.bench)
-#   ./run.sh lint            the layers and no import cycles (lint-imports, setup.cfg)
+#   ./run.sh lint            ruff, then the layers and no import cycles (lint-imports)
 #   ./run.sh setup           only create/update .venv
 # $PYTHON picks the interpreter; by default the newest of 3.12/3.13 found
 # (jax 0.12 needs >= 3.12; on 3.11 pip silently resolves jax 0.10), else python3.
@@ -68,7 +68,8 @@ case "$cmd" in
   setup) setup ;;
   train) setup; exec .venv/bin/python -m research.main --config=configs/cifar_cnn.py "$@" ;;
   test) setup; exec .venv/bin/python -m pytest "$@" ;;
-  lint) setup; exec .venv/bin/lint-imports "$@" ;;
+  lint) setup; .venv/bin/ruff check research tests configs
+        exec .venv/bin/lint-imports "$@" ;;
   bench) setup; setup_torch
          exec .venv/bin/python -m research.bench --config=configs/cifar_cnn.py "$@" ;;
   *) echo "usage: ./run.sh {train|test|bench|lint|setup} [args]" >&2; exit 2 ;;

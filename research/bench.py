@@ -43,7 +43,7 @@ from research.core import experiment as experiment_lib
 from research.data import input_pipeline
 from research import cli
 from research import malloc
-from research import runner
+from research import provenance
 from research import timing
 from research import mesh as mesh_lib
 from research.core import steps
@@ -249,16 +249,13 @@ def main(argv):
                     rec["mfu"] = (jax_rec["model_flops_per_step"]
                                   / (rec["step_ms"] / 1e3) / peak)
                     records.append({"config": name, "batch_size": batch_size, **rec})
-    about = {**runner.provenance(), "cpu_flags": cpu_flags(),
+    about = {**provenance.about(), "cpu_flags": cpu_flags(),
              "matmul_peak_flops": peak}  # the machine it measured
     unit = input_pipeline.get_dataset(config.dataset).throughput_unit(config)[0] + "/s"
     lines = render(records, streamed, unit, about,
                    bf16=config.model_kwargs.get("dtype") == "bfloat16")
     print("\n".join(lines))
-    with open(FLAGS.output, "w") as f:
-        json.dump({"about": about, "records": records + streamed}, f, indent=1)
-    with open(os.path.splitext(FLAGS.output)[0] + ".md", "w") as f:
-        f.write("\n".join(runner.header(about) + lines) + "\n")
+    provenance.write(FLAGS.output, about, {"records": records + streamed}, lines)
 
 
 def render(records: list[dict], streamed: list[dict], unit: str, about: dict,

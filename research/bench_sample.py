@@ -14,7 +14,6 @@ filled to p once, the call repeated on it), median of `--repeats` timings of
 `--steps` calls. Random weights unless `--workdir` (the speed does not
 depend on them). Writes JSON with the machine and commit (`--output`).
 """
-import json
 
 from absl import app
 from absl import flags
@@ -27,7 +26,7 @@ from research import assembly
 from research import cli
 from research import errors
 from research import mesh as mesh_lib
-from research import runner
+from research import provenance
 from research import sample
 
 # --config, --workdir (a trained run to take the weights from): research.main's
@@ -67,14 +66,14 @@ def main(argv):
             f"{model.context - 1} (the model's context is {model.context}).")
     rows = sample.time_positions(model, variables, positions, FLAGS.batch,
                                  steps=FLAGS.steps, repeats=FLAGS.repeats)
-    print(f"ms per new token, batch {FLAGS.batch} ({jax.devices()[0].platform}):")
-    print(f"{'position':>9}{'cached':>10}{'uncached':>10}{'uncached/cached':>17}")
-    for row in rows:
-        print(f"{row['position']:>9}{row['cached_ms']:>10.3f}"
-              f"{row['uncached_ms']:>10.3f}"
-              f"{row['uncached_ms'] / row['cached_ms']:>17.2f}")
-    with open(FLAGS.output, "w") as f:
-        json.dump({"about": runner.provenance(), "rows": rows}, f, indent=1)
+    lines = [f"ms per new token, batch {FLAGS.batch} ({jax.devices()[0].platform}):",
+             "", "| position | cached | uncached | uncached / cached |",
+             "|---:|---:|---:|---:|"]
+    lines += [f"| {row['position']} | {row['cached_ms']:.3f} | "
+              f"{row['uncached_ms']:.3f} | {row['uncached_ms'] / row['cached_ms']:.2f} |"
+              for row in rows]
+    print("\n".join(lines))
+    provenance.write(FLAGS.output, provenance.about(), {"rows": rows}, lines)
     logging.info("Wrote %s", FLAGS.output)
 
 

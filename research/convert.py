@@ -10,7 +10,11 @@ to `<out_dir>/<dataset>/<version>/<split>.array_record-*` plus
 `<split>.json` (`records.py`). Memory stays bounded by --batch_size examples.
 Train with `--config.input=stream --config.stream.dir=<out_dir>` (or
 `input=auto`, which streams converted splits too large for memory).
+`--output=F.json` also writes what each split took (examples, seconds, bytes
+on disk) to F.json and F.md, with how it was made (`provenance.py`).
 """
+import glob
+import os
 import time
 
 from absl import app
@@ -20,6 +24,7 @@ import ml_collections
 
 from research import cli
 from research import errors
+from research import provenance
 from research.data import input_pipeline
 from research.data import tfds_reader
 from research.data import records
@@ -34,13 +39,17 @@ flags.DEFINE_string("data_dir", "", "TFDS data_dir holding the prepared dataset;
                     "'': $TFDS_DATA_DIR, else ~/tensorflow_datasets.")
 flags.DEFINE_integer("batch_size", 1024, "Examples decoded at a time (memory).")
 flags.DEFINE_float("shard_mb", 512, "Size of each ArrayRecord file, MB.")
+flags.DEFINE_string("output", "", "Where to write the conversion's numbers "
+                    "(F.json and F.md); '': nowhere.")
 FLAGS = flags.FLAGS
 
 
 def convert(dataset_name: str, splits: list[str], out_dir: str, data_dir: str = "",
-            batch_size: int = 1024, shard_mb: float = 512) -> dict[str, int]:
+            batch_size: int = 1024, shard_mb: float = 512,
+            timings: dict[str, dict] | None = None) -> dict[str, int]:
     """Converts named `splits` of a prepared TFDS dataset; returns the
-    example count of each.
+    example count of each (and fills `timings[split]` with its examples,
+    seconds and bytes on disk).
 
     Raises:
       UserError: an unknown dataset, one that cannot stream, a sliced split
@@ -68,19 +77,39 @@ def convert(dataset_name: str, splits: list[str], out_dir: str, data_dir: str = 
             per_shard, source={"data_dir": tfds_reader.resolve_data_dir(config),
                                "tfds_split": split, "tfds_files":
                                tfds_reader.split_files(dataset, config, split)})
+        seconds = time.perf_counter() - start
+        where = records.split_dir(out_dir, dataset.tfds_name, version)
         logging.info("Converted %s %s[%s]: %d examples in %.1fs", dataset.tfds_name,
-                     version, split, num, time.perf_counter() - start)
-        print(f"{dataset.tfds_name} {version} {split}: {num} examples -> "
-              f"{records.split_dir(out_dir, dataset.tfds_name, version)} "
-              f"({time.perf_counter() - start:.1f}s)")
+                     version, split, num, seconds)
+        print(f"{dataset.tfds_name} {version} {split}: {num} examples -> {where} "
+              f"({seconds:.1f}s)")
+        if timings is not None:
+            timings[split] = {
+                "dataset": f"{dataset.tfds_name}/{version}", "examples": num,
+                "seconds": seconds, "row_bytes": records.row_bytes(features),
+                "bytes_on_disk": sum(os.path.getsize(f) for f in glob.glob(
+                    os.path.join(where, f"{split}.array_record-*")))}
     return counts
+
+
+def write_timings(path: str, timings: dict[str, dict]) -> None:
+    """`timings` (from `convert`) as path (JSON) and its .md twin."""
+    lines = ["| dataset | split | examples | seconds | bytes a row | on disk |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {t['dataset']} | {split} | {t['examples']:,} | {t['seconds']:.1f} | "
+              f"{t['row_bytes']:,} | {t['bytes_on_disk'] / 1e6:.1f} MB |"
+              for split, t in timings.items()]
+    provenance.write(path, provenance.about(), {"splits": timings}, lines)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    timings: dict[str, dict] = {}
     convert(FLAGS.dataset, FLAGS.splits, FLAGS.out_dir, FLAGS.data_dir,
-            FLAGS.batch_size, FLAGS.shard_mb)
+            FLAGS.batch_size, FLAGS.shard_mb, timings)
+    if FLAGS.output:
+        write_timings(FLAGS.output, timings)
 
 
 if __name__ == "__main__":

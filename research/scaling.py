@@ -36,6 +36,7 @@ from research import cli
 from research import costs
 from research import errors
 from research import mesh as mesh_lib
+from research import provenance
 from research import runner
 from research import scaling_fits
 from research import scaling_plots
@@ -217,7 +218,7 @@ class Grid:
                                   if "loss_exponent" in one else None),
                 "optimal_at_budget": scaling_fits.optimal_size(
                     fits["approach3"], flops, scaling_fits.flops_fit(fits)),
-                "predicted": runner.provenance()}
+                "predicted": provenance.about()}
             self._write(PREDICTION, prediction)
             writers.report(f"held-out {spec.size} at {flops:.3g} FLOPs: predicted "
                            f"loss {prediction['predicted_loss']:.4f} (written to "
@@ -264,7 +265,7 @@ def render_results(results: dict[str, Any]) -> list[str]:
     """scaling_results.md: the fits, the compute-optimal table, the runs."""
     about, fits = results["about"], results["fits"]
     one, three = fits["approach1"], fits["approach3"]
-    lines = [*runner.header(about), "# Scaling-law fits", "",
+    lines = [*provenance.header(about), "# Scaling-law fits", "",
              f"{len(results['runs'])} runs; intervals: 5th-95th percentile over "
              f"bootstrap resamplings of the runs.", "",
              "| fit | N*(C) exponent | D*(C) exponent | other |", "|---|---|---|---|"]

@@ -22,12 +22,12 @@ PRESETS = {"cifar_cnn.py": ["", "smoke"], "cifar_convnet.py": ["", "smoke"],
            "cifar_fast.py": ["", "gpu", "cpu", "muon", "smoke", "muon_smoke"],
            "compress_cifar.py": ["", "smoke"], "diloco_cifar.py": ["", "smoke"],
            "diloco_lstm.py": ["", "smoke"], "lenet_seeds.py": ["", "smoke"],
-           "fast_cnn_seeds.py": ["", "smoke"],
+           "fast_cnn_seeds.py": ["", "smoke"], "streaming_pairs.py": ["", "smoke"],
            "scaling_shakespeare.py": ["", "cpu", "gpu", "smoke"],
            "compress_gpt.py": ["", "smoke"]}
 PIPELINES = {"compress_cifar.py", "compress_gpt.py"}  # research.compress configs
 SWEEPS = {"diloco_cifar.py", "diloco_lstm.py", "lenet_seeds.py",
-          "fast_cnn_seeds.py"}  # research.sweep
+          "fast_cnn_seeds.py", "streaming_pairs.py"}  # research.sweep
 GRIDS = {"scaling_shakespeare.py"}  # research.scaling configs
 
 

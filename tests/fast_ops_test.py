@@ -80,9 +80,9 @@ def test_batch_norm_gelu_module_is_batchnorm_then_gelu():
             y, upd = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
                                   x, train=True, mutable=["batch_stats"])
             return jnp.sum(y * dy), upd
-        (l, upd), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+        (value, upd), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
             variables["params"], x)
-        return l, wrap(upd["batch_stats"]), wrap(grads[0]), grads[1]
+        return value, wrap(upd["batch_stats"]), wrap(grads[0]), grads[1]
 
     got = loss(ours, v, lambda t: t)
     want = loss(theirs, v_theirs, lambda t: t["bn"])

@@ -143,8 +143,8 @@ def worker_main(worker) -> None:
     sys.path.insert(0, REPO)
     measured = worker(sys.argv[2])
     if len(sys.argv) > 3:
-        from research import runner  # pylint: disable=g-import-not-at-top
-        about = runner.provenance()  # before the file is opened (and dirty)
+        from research import provenance  # pylint: disable=g-import-not-at-top
+        about = provenance.about()  # before the file is opened (and dirty)
         with open(sys.argv[3], "w") as f:
             json.dump({"about": about, "result": measured}, f, indent=1)
     print(json.dumps(measured))

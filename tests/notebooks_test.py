@@ -114,7 +114,7 @@ def _write_results(directory):
 def _write_scaling_results(directory):
     """A scaling_results.json like `research.scaling` writes, fitted to runs
     on a known law."""
-    from research import runner, scaling_fits  # pylint: disable=g-import-not-at-top
+    from research import provenance, scaling_fits  # pylint: disable=g-import-not-at-top
     runs = []
     for n in (3e4, 1e5, 3e5, 8e5):
         for c in (1e12, 3e12, 1e13):
@@ -122,7 +122,7 @@ def _write_scaling_results(directory):
             runs.append({"name": f"{n:g}_{c:g}", "size": f"{n:g}", "budget": c,
                          "params": int(n), "tokens": d, "flops": c,
                          "loss": 1.3 + 60 / n ** 0.45 + 300 / d ** 0.35})
-    results = {"about": runner.provenance(), "runs": runs,
+    results = {"about": provenance.about(), "runs": runs,
                "fits": scaling_fits.fit_all(runs, 5, (1e14,))}
     with open(os.path.join(directory, "scaling_results.json"), "w") as f:
         json.dump(results, f)

@@ -76,6 +76,23 @@ def test_converted_rows_equal_the_in_memory_rows(tiny):
             np.testing.assert_array_equal(streamed[key], memory[key][order])
 
 
+def test_convert_writes_what_each_split_took(tiny, tmp_path):
+    data_dir, _ = tiny
+    timings = {}
+    convert.convert(tiny_tfds.NAME, ["test"], str(tmp_path / "stream"), data_dir,
+                    batch_size=20, shard_mb=0.05, timings=timings)
+    convert.write_timings(str(tmp_path / "convert.json"), timings)
+    with open(tmp_path / "convert.json") as f:
+        written = json.load(f)
+    test = written["splits"]["test"]
+    assert test["examples"] == N and test["seconds"] > 0
+    # Three ArrayRecord files of 48 rows of 3,076 bytes, plus their framing.
+    assert N * 3_076 <= test["bytes_on_disk"] < N * 3_076 + 3 * 4096
+    with open(tmp_path / "convert.md") as f:
+        text = f.read()
+    assert text.startswith("<!-- written by: ") and f"| test | {N} |" in text
+
+
 AUGMENT = {"augment.flip": "random", "augment.translate": 2,
            "augment.eval_views": "flip"}
 

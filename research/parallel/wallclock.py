@@ -2,10 +2,13 @@
 the model costs on a given network, and the time per step of synchronous
 training against DiLoCo's every-H-steps sync (blocking or delayed).
 
-python -m research.parallel.wallclock --compute_ms=40 --mbytes=0.25
+python -m research.parallel.wallclock --compute_ms=40 --mbytes=0.25 \
+    [--output=wallclock.json]
 """
 from absl import app
 from absl import flags
+
+from research import provenance
 
 
 def allreduce_seconds(num_bytes: float, participants: int, gbit_per_s: float,
@@ -54,8 +57,13 @@ def wall_clock_table(compute_s: float, num_bytes: float, *, latency_s: float,
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    print(wall_clock_table(FLAGS.compute_ms / 1e3, FLAGS.mbytes * 1e6,
-                           latency_s=FLAGS.latency_us * 1e-6))
+    table = wall_clock_table(FLAGS.compute_ms / 1e3, FLAGS.mbytes * 1e6,
+                             latency_s=FLAGS.latency_us * 1e-6)
+    print(table)
+    if FLAGS.output:  # the modelled table, with how it was made
+        provenance.write(FLAGS.output, provenance.about(), {
+            "compute_ms": FLAGS.compute_ms, "mbytes": FLAGS.mbytes,
+            "latency_us": FLAGS.latency_us, "table": table}, table.splitlines())
 
 
 if __name__ == "__main__":
@@ -64,5 +72,7 @@ if __name__ == "__main__":
     flags.DEFINE_float("mbytes", None, "Megabytes all-reduced per sync (the "
                        "parameters).", required=True)
     flags.DEFINE_float("latency_us", 50.0, "Latency of one all-reduce step.")
+    flags.DEFINE_string("output", "", "Also write the table to this JSON file "
+                        "(and its .md twin).")
     FLAGS = flags.FLAGS
     app.run(main)
