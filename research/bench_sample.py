@@ -12,9 +12,9 @@ re-reads the whole sequence so far: a forward pass over p + 1 positions.
 Both are timed as single jitted calls at exactly position p (the cache
 filled to p once, the call repeated on it), median of `--repeats` timings of
 `--steps` calls. Random weights unless `--workdir` (the speed does not
-depend on them). Writes JSON with the machine and commit (`--output`).
+depend on them). Writes the table as JSON and Markdown with the machine and
+commit (`--output`).
 """
-
 from absl import app
 from absl import flags
 from absl import logging
