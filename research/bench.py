@@ -8,6 +8,8 @@ XLA_FLAGS=--xla_force_host_platform_device_count=2 \
     python -m research.bench --config=configs/cifar_cnn.py --num_devices=1,2 --notorch
 python -m research.bench --config=configs/cifar_cnn.py --batch_sizes=128 \
     --inputs=memory,stream --notorch
+python -m research.bench --config=configs/cifar_fast.py:cpu \
+    --batch_sizes=128,512,1024 --runs=3      # medians of 3 rounds, side by side
 
 The JAX step is the trainer's own (`steps.train_chunk` with data on the device,
 the state donated); PyTorch runs eagerly in another interpreter
@@ -26,6 +28,7 @@ import functools
 import json
 import os
 import re
+import statistics
 import subprocess
 import time
 
@@ -56,6 +59,9 @@ flags.DEFINE_list("rnn_sizes", [], "For text models: LAYERSxHIDDEN sizes, e.g. "
 flags.DEFINE_integer("steps", 20, "Steps per timing.", lower_bound=1)
 flags.DEFINE_integer("repeats", 3, "Timings per number (the median is kept).",
                      lower_bound=1)
+flags.DEFINE_integer("runs", 1, "Rounds of the whole benchmark, one after the "
+                     "other; with several, a table of medians over the rounds "
+                     "and each round's JAX : PyTorch ratios.", lower_bound=1)
 flags.DEFINE_string("output", "bench.json", "Where the JSON records go.")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch model.")
 flags.DEFINE_list("inputs", ["memory"], "Input paths to time: memory, stream.")
@@ -225,20 +231,38 @@ def main(argv):
     del argv
     malloc.keep_freed_memory()  # as the trainer runs (research.main)
     config = FLAGS.config
-    peak = matmul_peak_flops()
-    logging.info("float32 matmul peak measured: %.1f GFLOP/s", peak / 1e9)
-    if config.model_kwargs.get("dtype") == "bfloat16":
-        peak *= 2.0
-    records, streamed = [], []
+    bf16 = config.model_kwargs.get("dtype") == "bfloat16"
+    records, streamed, peaks = [], [], []
+    for run in range(FLAGS.runs):
+        peak = matmul_peak_flops()
+        logging.info("float32 matmul peak measured: %.1f GFLOP/s", peak / 1e9)
+        peaks.append(peak * (2.0 if bf16 else 1.0))
+        one_run(config, peaks[-1], records, streamed,
+                {"run": run} if FLAGS.runs > 1 else {})
+    about = {**provenance.about(), "cpu_flags": cpu_flags(),
+             "matmul_peak_flops": statistics.median(peaks),  # the machine it measured
+             **({"matmul_peaks": peaks} if FLAGS.runs > 1 else {})}
+    unit = input_pipeline.get_dataset(config.dataset).throughput_unit(config)[0] + "/s"
+    lines = render(records, streamed, unit, about, bf16=bf16)
+    if FLAGS.runs > 1:
+        lines += [""] + medians(records, unit)
+    print("\n".join(lines))
+    provenance.write(FLAGS.output, about, {"records": records + streamed}, lines)
+
+
+def one_run(config, peak: float, records: list[dict], streamed: list[dict],
+            tag: dict) -> None:
+    """Every config variant, batch and device count once (JAX, the streamed
+    input, PyTorch), appended to `records` and `streamed` with `tag`."""
     for name, variant in _variants(config):
         for batch_size in (int(b) for b in FLAGS.batch_sizes):
             for num_devices in (int(d) for d in FLAGS.num_devices):
                 rec = bench_jax(variant, batch_size, num_devices)
                 rec["mfu"] = (rec["model_flops_per_step"] / (rec["step_ms"] / 1e3)
                               / (peak * rec["devices"]))
-                records.append({"config": name, "batch_size": batch_size, **rec})
+                records.append({"config": name, "batch_size": batch_size, **tag, **rec})
                 if "stream" in FLAGS.inputs:
-                    streamed.append({"config": name, "batch_size": batch_size,
+                    streamed.append({"config": name, "batch_size": batch_size, **tag,
                                      **bench_stream.bench_stream(
                                          variant, batch_size, num_devices,
                                          steps=FLAGS.steps, repeats=FLAGS.repeats,
@@ -248,14 +272,8 @@ def main(argv):
                 for rec in bench_torch(variant, batch_size) or []:
                     rec["mfu"] = (jax_rec["model_flops_per_step"]
                                   / (rec["step_ms"] / 1e3) / peak)
-                    records.append({"config": name, "batch_size": batch_size, **rec})
-    about = {**provenance.about(), "cpu_flags": cpu_flags(),
-             "matmul_peak_flops": peak}  # the machine it measured
-    unit = input_pipeline.get_dataset(config.dataset).throughput_unit(config)[0] + "/s"
-    lines = render(records, streamed, unit, about,
-                   bf16=config.model_kwargs.get("dtype") == "bfloat16")
-    print("\n".join(lines))
-    provenance.write(FLAGS.output, about, {"records": records + streamed}, lines)
+                    records.append({"config": name, "batch_size": batch_size, **tag,
+                                    **rec})
 
 
 def render(records: list[dict], streamed: list[dict], unit: str, about: dict,
@@ -272,14 +290,12 @@ def render(records: list[dict], streamed: list[dict], unit: str, about: dict,
     for rec in records:
         ratios = ["", ""]
         if rec["framework"] == "jax":
-            torch_rec = next((r for r in records if r["framework"] == "torch"
-                              and r["config"] == rec["config"]
-                              and r["batch_size"] == rec["batch_size"]), None)
+            torch_rec = _twin(records, rec)
             if torch_rec:
                 ratios = [f"{rec[k] / torch_rec[k]:.2f}"
                           for k in ("train_per_sec", "eval_per_sec")]
         lines.append(
-            f"| {rec['config']} | {rec['batch_size']} | {rec['framework']} | "
+            f"| {rec['config']}{_run_label(rec)} | {rec['batch_size']} | {rec['framework']} | "
             f"{rec.get('devices', 1)} | {rec['train_per_sec']:,.0f} | "
             f"{rec['eval_per_sec']:,.0f} | {rec['step_ms']:.2f} | {rec['mfu']:.1%} | "
             + " | ".join(ratios) + " |")
@@ -293,10 +309,54 @@ def render(records: list[dict], streamed: list[dict], unit: str, about: dict,
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for rec in streamed:
             lines.append(
-                f"| {rec['config']} | {rec['batch_size']} | {rec['devices']} | "
+                f"| {rec['config']}{_run_label(rec)} | {rec['batch_size']} | {rec['devices']} | "
                 f"{rec['train_per_sec']:,.0f} | {rec['step_ms']:.2f} | "
                 f"{rec['wait_ms']:.2f} | {rec['step_ms_without_input']:.2f} | "
                 f"{rec['reader_per_sec']:,.0f} | {rec['step_ms_in_memory']:.2f} |")
+    return lines
+
+
+def _twin(records: list[dict], rec: dict) -> dict | None:
+    """The PyTorch eager record of `rec`'s config, batch and run."""
+    return next((r for r in records if r["framework"] == "torch"
+                 and r["config"] == rec["config"] and r["batch_size"] == rec["batch_size"]
+                 and r.get("run", 0) == rec.get("run", 0)), None)
+
+
+def _run_label(rec: dict) -> str:
+    return f" (run {rec['run'] + 1})" if "run" in rec else ""
+
+
+def medians(records: list[dict], unit: str) -> list[str]:
+    """Markdown: per config, batch and device count, the median over the runs
+    of JAX's and PyTorch's throughputs and of each run's JAX : PyTorch ratio
+    (the ratios listed), and JAX's median MFU."""
+    med = statistics.median
+    runs = 1 + max(r.get("run", 0) for r in records)
+    lines = [f"Medians over {runs} runs (in brackets: each run's ratio):", "",
+             (f"| config | batch | devices | JAX train {unit} | PyTorch train | "
+              f"train JAX : PyTorch | JAX eval {unit} | PyTorch eval | "
+              "eval JAX : PyTorch | JAX MFU |"),
+             "|---|---:|---:|---:|---:|---|---:|---:|---|---:|"]
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        if rec["framework"] == "jax":
+            groups.setdefault((rec["config"], rec["batch_size"], rec["devices"]),
+                              []).append(rec)
+    for (name, batch, devices), mine in groups.items():
+        twins = [_twin(records, rec) for rec in mine]
+        cells = []
+        for key in ("train_per_sec", "eval_per_sec"):
+            cells.append(f"{med(r[key] for r in mine):,.0f}")
+            if all(twins):
+                ratios = [r[key] / t[key] for r, t in zip(mine, twins)]
+                cells += [f"{med(t[key] for t in twins):,.0f}",
+                          f"**{med(ratios):.2f}** ("
+                          + ", ".join(f"{x:.2f}" for x in ratios) + ")"]
+            else:
+                cells += ["-", "-"]
+        lines.append(f"| {name} | {batch} | {devices} | " + " | ".join(cells)
+                     + f" | {med(r['mfu'] for r in mine):.1%} |")
     return lines
 
 

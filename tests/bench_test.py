@@ -16,6 +16,7 @@ from tests import helpers
     ("cifar_cnn.py:smoke", "8", ["--inputs=memory,stream"]),
     ("shakespeare_rnn.py:smoke", "8", ["--rnn_sizes=1x16"]),
     ("shakespeare_gpt.py:smoke", "8", []),
+    ("cifar_cnn.py:smoke", "8", ["--runs=2"]),
 ])
 def test_benchmark_reports_every_number(tmp_path, config, batch, extra):
     output = str(tmp_path / "bench.json")
@@ -32,7 +33,8 @@ def test_benchmark_reports_every_number(tmp_path, config, batch, extra):
     streamed = [r for r in records if r.get("input") == "stream"]
     assert len(streamed) == (1 if extra == ["--inputs=memory,stream"] else 0)
     records = [r for r in records if r not in streamed]
-    assert len(records) == 1 and records[0]["framework"] == "jax"
+    runs = 2 if "--runs=2" in extra else 1
+    assert len(records) == runs and {r["framework"] for r in records} == {"jax"}
     # Each file says which machine measured it (never compare two by accident).
     about = written["about"]
     assert about["machine"] and about["matmul_peak_flops"] > 0 and about["commit"]
@@ -45,6 +47,26 @@ def test_benchmark_reports_every_number(tmp_path, config, batch, extra):
     assert table.startswith("<!-- written by: python -m research.bench ")
     assert about["commit"] in table and f"| {batch} | jax | 1 |" in table
     assert ("Streaming input" in table) == bool(streamed)
+    assert ("Medians over 2 runs" in table) == (runs == 2)
+
+
+def test_medians_pair_each_run_with_its_own_pytorch_twin():
+    from research import bench  # pylint: disable=g-import-not-at-top
+
+    def rec(framework, run, train, mfu=0.5):
+        return {"config": "lenet", "batch_size": 4, "devices": 1, "run": run,
+                "framework": framework, "train_per_sec": train,
+                "eval_per_sec": 2 * train, "mfu": mfu}
+    records = [rec("jax", 0, 300), rec("torch", 0, 150), rec("jax", 1, 100),
+               rec("torch", 1, 50), rec("jax", 2, 400), rec("torch", 2, 100)]
+    lines = bench.medians(records, "img/s")
+    assert lines[0] == "Medians over 3 runs (in brackets: each run's ratio):"
+    # Each run against its own twin (2, 2, 4; pairing with run 0's PyTorch
+    # would give 2, 0.67, 2.67), and the median of those ratios, 2, not the
+    # ratio of the medians (300 / 100).
+    assert lines[-1].startswith(
+        "| lenet | 4 | 1 | 300 | 100 | **2.00** (2.00, 2.00, 4.00) | 600 | 200 | "
+        "**2.00** (2.00, 2.00, 4.00) | 50.0% |"), lines[-1]
 
 
 @pytest.mark.parametrize("flag, message", [
