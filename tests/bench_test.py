@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from research import bench_tables
 from tests import helpers
 
 
@@ -51,15 +52,13 @@ def test_benchmark_reports_every_number(tmp_path, config, batch, extra):
 
 
 def test_medians_pair_each_run_with_its_own_pytorch_twin():
-    from research import bench  # pylint: disable=g-import-not-at-top
-
     def rec(framework, run, train, mfu=0.5):
         return {"config": "lenet", "batch_size": 4, "devices": 1, "run": run,
                 "framework": framework, "train_per_sec": train,
                 "eval_per_sec": 2 * train, "mfu": mfu}
     records = [rec("jax", 0, 300), rec("torch", 0, 150), rec("jax", 1, 100),
                rec("torch", 1, 50), rec("jax", 2, 400), rec("torch", 2, 100)]
-    lines = bench.medians(records, "img/s")
+    lines = bench_tables.medians(records, "img/s")
     assert lines[0] == "Medians over 3 runs (in brackets: each run's ratio):"
     # Each run against its own twin (2, 2, 4; pairing with run 0's PyTorch
     # would give 2, 0.67, 2.67), and the median of those ratios, 2, not the
